@@ -1,0 +1,217 @@
+"""Real image sets: the targets a synthetic set is matched to, and the test data it is judged on.
+
+Every source returns a `RealSet`: uint8 images (N, H, W) for mode "L" or (N, H, W, 3) for "RGB",
+int64 labels, and the class names indexed by label. Splits are fixed:
+
+- ``digits``: scikit-learn's embedded 8x8 digits, split by
+  ``train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)``.
+- ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` files (its own 60k/10k split).
+- ``imagefolder``: ``root/<split>/<class_name>/*.png|jpg`` (or ``root/<class_name>/...`` when the
+  root has no split folders), local or on object storage through fsspec.
+- ``parquet`` / ``webdataset``: shards in the factory's own layout (``image`` PNG bytes + ``label``
+  + ``class_name``), local or remote, as written by ``factory run`` or any compatible tool.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A real data source is missing, unreadable or inconsistent."""
+
+
+@dataclass
+class RealSet:
+    images: np.ndarray  # uint8, (N, H, W) for "L", (N, H, W, 3) for "RGB"
+    labels: np.ndarray  # int64, (N,)
+    class_names: list[str]
+    mode: str  # "L" or "RGB"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def of_class(self, label: int) -> np.ndarray:
+        return self.images[self.labels == label]
+
+    def to_float(self) -> "np.ndarray":
+        """Images as float32 in [-1, 1], channels first: (N, C, H, W)."""
+        x = self.images.astype(np.float32) / 127.5 - 1.0
+        return x[:, None] if self.mode == "L" else x.transpose(0, 3, 1, 2)
+
+
+def load_real(source: str, split: str, root: str | None = None) -> RealSet:
+    """Load the ``split`` ("train" or "test") of a real set by source name."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if source == "digits":
+        return _digits(split)
+    if source == "fashion_mnist":
+        return _fashion_mnist(split, root or FASHION_MNIST_DIR)
+    if source in ("imagefolder", "parquet", "webdataset"):
+        if not root:
+            raise DataError(f"data source {source!r} needs a root (a folder or URI)")
+        reader = {"imagefolder": _imagefolder, "parquet": _parquet, "webdataset": _webdataset}[source]
+        return reader(root, split)
+    raise DataError(
+        f"unknown data source {source!r}; expected one of digits, fashion_mnist, imagefolder, parquet, webdataset"
+    )
+
+
+def _digits(split: str) -> RealSet:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        d.data, d.target, test_size=0.25, stratify=d.target, random_state=0
+    )
+    x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+    images = np.round(x.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    return RealSet(images, y.astype(np.int64), [str(c) for c in d.target_names], "L")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist(split: str, root: str) -> RealSet:
+    prefix = "train" if split == "train" else "t10k"
+    img_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    lbl_path = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    if not (os.path.exists(img_path) and os.path.exists(lbl_path)):
+        raise DataError(
+            f"Fashion-MNIST files not found under {root}: install Debian's package "
+            "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist)"
+        )
+    images = _read_idx(img_path).copy()
+    labels = _read_idx(lbl_path).astype(np.int64)
+    return RealSet(images, labels, list(FASHION_MNIST_CLASSES), "L")
+
+
+def decode_image(data: bytes, what: str) -> Image.Image:
+    """Decode image bytes, naming ``what`` in the error when they are not a readable image."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
+    except Exception as e:  # PIL raises several types for corrupt data
+        raise DataError(f"corrupt or unreadable image: {what} ({e})") from None
+
+
+def _stack(imgs: list[Image.Image], names: list[str], root: str) -> tuple[np.ndarray, str]:
+    if not imgs:
+        raise DataError(f"no images found under {root}")
+    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in imgs) else "RGB"
+    size = imgs[0].size
+    arrays = []
+    for im, name in zip(imgs, names):
+        if im.size != size:
+            raise DataError(f"image {name} is {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]} like the rest")
+        arrays.append(np.asarray(im.convert(mode), dtype=np.uint8))
+    return np.stack(arrays), mode
+
+
+def _imagefolder(root: str, split: str) -> RealSet:
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        raise DataError(f"image folder not found: {root}")
+    if fs.isdir(f"{path}/{split}"):
+        path = f"{path}/{split}"
+    class_dirs = sorted(p for p in fs.ls(path, detail=False) if fs.isdir(p))
+    if not class_dirs:
+        raise DataError(f"image folder {root} has no class sub-folders")
+    class_names = [p.rstrip("/").rsplit("/", 1)[-1] for p in class_dirs]
+    imgs, names, labels = [], [], []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(fs.ls(d, detail=False)):
+            if f.lower().endswith(IMAGE_SUFFIXES):
+                imgs.append(decode_image(fs.cat_file(f), f))
+                names.append(f)
+                labels.append(label)
+    images, mode = _stack(imgs, names, root)
+    return RealSet(images, np.asarray(labels, dtype=np.int64), class_names, mode)
+
+
+def _shard_files(root: str, suffix: str, split: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, path = fsspec.core.url_to_fs(root)
+    if fs.isdir(f"{path}/{split}"):
+        path = f"{path}/{split}"
+    if fs.isfile(path):
+        return fs, [path]
+    files = sorted(fs.glob(f"{path.rstrip('/')}/**{suffix}"))
+    if not files:
+        raise DataError(f"no {suffix} files found under {root}")
+    return fs, files
+
+
+def _from_records(records: list[tuple[bytes, int, str, str]], root: str) -> RealSet:
+    names_by_label: dict[int, str] = {}
+    imgs, names, labels = [], [], []
+    for data, label, cname, what in records:
+        imgs.append(decode_image(data, what))
+        names.append(what)
+        labels.append(label)
+        names_by_label.setdefault(label, cname)
+    images, mode = _stack(imgs, names, root)
+    n = max(names_by_label) + 1
+    class_names = [names_by_label.get(i, str(i)) for i in range(n)]
+    return RealSet(images, np.asarray(labels, dtype=np.int64), class_names, mode)
+
+
+def _parquet(root: str, split: str) -> RealSet:
+    import pyarrow.parquet as pq
+
+    fs, files = _shard_files(root, ".parquet", split)
+    records = []
+    for f in files:
+        table = pq.read_table(f, filesystem=fs, columns=["key", "image", "label", "class_name"])
+        for key, img, label, cname in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            records.append((img, int(label), cname, f"{f}:{key}"))
+    return _from_records(records, root)
+
+
+def _webdataset(root: str, split: str) -> RealSet:
+    fs, files = _shard_files(root, ".tar", split)
+    records = []
+    for f in files:
+        samples: dict[str, dict[str, bytes]] = {}
+        with fs.open(f, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, s in samples.items():
+            img = next((s[e] for e in ("png", "jpg", "jpeg", "webp") if e in s), None)
+            if img is None or "cls" not in s:
+                raise DataError(f"webdataset sample {f}:{key} lacks an image or a .cls label")
+            meta = json.loads(s["json"]) if "json" in s else {}
+            label = int(s["cls"].decode().strip())
+            records.append((img, label, meta.get("class_name", str(label)), f"{f}:{key}"))
+    return _from_records(records, root)
