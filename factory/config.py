@@ -1,0 +1,253 @@
+"""Run configuration: plain dataclasses loaded from YAML and validated before any work starts.
+
+Every error names the offending key by its dotted path (``recipes.chamfer.energies[0].k``) and says what
+was expected. ``--set dotted.key=value`` overrides are applied to the raw YAML data before validation,
+with values parsed as YAML scalars (``--set sampling.steps=10``, ``--set executor.num_actors=[1,4]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | fashion_mnist | imagefolder | parquet | webdataset
+    root: str | None = None  # folder or URI for imagefolder / parquet / webdataset
+    classes: list[str] | None = None  # class names to produce; None = all
+
+
+@dataclass
+class ModelConfig:
+    """A denoiser backbone or a feature space: a kind and where its weights come from."""
+
+    name: str = "tiny"
+    checkpoint: str = "digits"  # packaged name, local folder or hub id
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 25
+    shard_size: int = 135  # images per shard: one shard is one sampling batch of one class
+    eta: float = 0.0  # DDIM eta; 0 = deterministic given the initial noise
+
+
+@dataclass
+class EnergyConfig:
+    name: str  # chamfer | ot | lowdensity
+    weight: float = 1.0  # gamma: strength of this energy's gradient
+    every: int = 1  # apply every N steps (G_freq)
+    window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # active for t_frac in [a, b]
+    normalize: str = "l2"  # none | l2 | linf | latent
+    params: dict = field(default_factory=dict)  # energy-specific (k, K, reg, alpha, beta, ...)
+
+
+@dataclass
+class RecipeConfig:
+    cfg_scale: float = 2.0  # omega; 1.0 = CFG-free (no unconditional pass)
+    scale: float = 1.0  # images per class = ceil(scale * train size / classes)
+    images_per_class: int | None = None  # overrides scale when set
+    energies: list[EnergyConfig] = field(default_factory=list)
+
+
+@dataclass
+class ExecutorConfig:
+    num_actors: list[int] = field(default_factory=lambda: [1, 2])  # actor pool (min, max)
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor
+    torch_threads: int = 1  # per actor; fixed so a shard's bytes do not depend on the host
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
+
+
+@dataclass
+class OutputConfig:
+    formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
+
+
+@dataclass
+class EvalConfig:
+    k: int = 5  # PRDC neighbourhood size
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: ModelConfig = field(default_factory=ModelConfig)
+    features: ModelConfig = field(default_factory=lambda: ModelConfig(name="cnn", checkpoint="digits"))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipes: dict[str, RecipeConfig] = field(default_factory=lambda: {"cfg": RecipeConfig()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+BACKBONES = ("tiny",)
+FEATURE_SPACES = ("cnn",)
+ENERGIES = ("chamfer", "ot", "lowdensity")
+NORMALIZATIONS = ("none", "l2", "linf", "latent")
+FORMATS = ("parquet", "webdataset")
+DATA_SOURCES = ("digits", "fashion_mnist", "imagefolder", "parquet", "webdataset")
+
+
+def _convert(value, tp, path: str):
+    """Check ``value`` against the type annotation ``tp`` and build dataclasses; raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{path}." if path else ""
+            raise ConfigError(f"unknown key {where}{unknown[0]!r}; allowed keys: {', '.join(sorted(names))}")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _convert(value[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: missing required key {f.name!r}")
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _one_of(value, allowed, path):
+    if value not in allowed:
+        raise ConfigError(f"{path}: unknown value {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check(cfg: Config) -> None:
+    _one_of(cfg.data.source, DATA_SOURCES, "data.source")
+    _one_of(cfg.backbone.name, BACKBONES, "backbone.name")
+    _one_of(cfg.features.name, FEATURE_SPACES, "features.name")
+    if cfg.sampling.steps < 1:
+        raise ConfigError(f"sampling.steps: must be >= 1, got {cfg.sampling.steps}")
+    if cfg.sampling.shard_size < 1:
+        raise ConfigError(f"sampling.shard_size: must be >= 1, got {cfg.sampling.shard_size}")
+    lo_hi = cfg.executor.num_actors
+    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"executor.num_actors: expected [min, max] with 1 <= min <= max, got {lo_hi}")
+    if cfg.executor.torch_threads < 1:
+        raise ConfigError("executor.torch_threads: must be >= 1")
+    if not cfg.output.formats:
+        raise ConfigError("output.formats: at least one format is needed")
+    for i, f in enumerate(cfg.output.formats):
+        _one_of(f, FORMATS, f"output.formats[{i}]")
+    if cfg.eval.k < 1:
+        raise ConfigError("eval.k: must be >= 1")
+    if not cfg.recipes:
+        raise ConfigError("recipes: at least one recipe is needed")
+    for rname, r in cfg.recipes.items():
+        p = f"recipes.{rname}"
+        if not rname.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{p}: recipe names may hold letters, digits, '-' and '_' only")
+        if r.cfg_scale < 1.0:
+            raise ConfigError(f"{p}.cfg_scale: must be >= 1.0 (1.0 = no CFG), got {r.cfg_scale}")
+        if r.scale <= 0:
+            raise ConfigError(f"{p}.scale: must be > 0, got {r.scale}")
+        if r.images_per_class is not None and r.images_per_class < 1:
+            raise ConfigError(f"{p}.images_per_class: must be >= 1")
+        for i, e in enumerate(r.energies):
+            ep = f"{p}.energies[{i}]"
+            _one_of(e.name, ENERGIES, f"{ep}.name")
+            _one_of(e.normalize, NORMALIZATIONS, f"{ep}.normalize")
+            if e.every < 1:
+                raise ConfigError(f"{ep}.every: must be >= 1")
+            if len(e.window) != 2 or not 0.0 <= e.window[0] <= e.window[1] <= 1.0:
+                raise ConfigError(f"{ep}.window: expected [start, end] fractions with 0 <= start <= end <= 1")
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {} if node.get(k) is None else node[k]
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"--set {dotted}: {k!r} is not a mapping")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, object]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def from_dict(data: dict | None, overrides: list[tuple[str, object]] = ()) -> Config:
+    data = dict(data or {})
+    for key, value in overrides:
+        _set_dotted(data, key, value)
+    cfg = _convert(data, Config, "")
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    cfg = from_dict(data, parse_overrides(overrides))
+    if "name" not in (data or {}):
+        cfg.name = path.stem
+    return cfg

@@ -1,0 +1,110 @@
+"""The data plane: pending shard ids stream through a Ray Data actor pool; each call makes one shard.
+
+reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records)
+-> writer (``ShardSink.commit``: formats first, stats marker last). The driver only consumes one small
+stats row per shard, so its memory does not grow with the images. Knows nothing of diffusion: the
+producer is any picklable zero-argument factory returning ``producer(shard) -> list[record]``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from factory.plan import Plan
+from factory.shards import ShardSink
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray when neither is set."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar over shards instead
+    ctx.print_on_execution_start = False
+
+
+class ShardWorker:
+    """Ray Data callable class: builds its producer once, then makes and commits one shard per row."""
+
+    def __init__(self, make_producer: Callable, plan: Plan, output: str, formats: list[str], storage_options=None):
+        self.plan = plan
+        self.sink = ShardSink(output, formats, storage_options)
+        self.producer = make_producer()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = {"shard_id": [], "recipe": [], "shard": [], "num_images": [], "seconds": [], "skipped": []}
+        for sid in batch["shard_id"]:
+            shard = self.plan.shard(int(sid))
+            t0 = time.perf_counter()
+            skipped = self.sink.is_complete(shard.recipe, shard.name)  # a retried task may find it done
+            if not skipped:
+                records = self.producer(shard)
+                if len(records) != shard.num_images:
+                    raise RuntimeError(f"shard {shard.recipe}/{shard.name}: producer made {len(records)} records, "
+                                       f"plan says {shard.num_images}")
+                self.sink.commit(shard.recipe, shard.name, records, {
+                    "shard_id": shard.shard_id, "label": shard.label, "class_name": shard.class_name,
+                    "index": shard.index, "seed": shard.seed,
+                })
+            rows["shard_id"].append(shard.shard_id)
+            rows["recipe"].append(shard.recipe)
+            rows["shard"].append(shard.name)
+            rows["num_images"].append(shard.num_images)
+            rows["seconds"].append(time.perf_counter() - t0)
+            rows["skipped"].append(skipped)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def pending_shards(plan: Plan, sink: ShardSink, shard_ids: range | list[int] | None = None) -> list[int]:
+    """Shard ids of ``plan`` (or of ``shard_ids``) whose stats marker is missing."""
+    ids = range(len(plan)) if shard_ids is None else shard_ids
+    done = {r.recipe: sink.completed(r.recipe) for r in plan.recipes}
+    return [sid for sid in ids if (s := plan.shard(sid)).name not in done[s.recipe]]
+
+
+def run_shards(
+    plan: Plan,
+    shard_ids: list[int],
+    make_producer: Callable,
+    output: str,
+    formats: list[str],
+    num_actors: tuple[int, int] = (1, 1),
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    desc: str = "shards",
+) -> Iterator[dict]:
+    """Make ``shard_ids`` of ``plan`` through a Ray Data actor pool; yields one stats row per shard."""
+    import ray
+    from tqdm import tqdm
+
+    if not shard_ids:
+        return
+    ds = ray.data.from_items([{"shard_id": int(s)} for s in shard_ids], override_num_blocks=min(len(shard_ids), 200))
+    ds = ds.map_batches(
+        ShardWorker,
+        fn_constructor_kwargs=dict(
+            make_producer=make_producer, plan=plan, output=output, formats=formats, storage_options=storage_options
+        ),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=num_actors[0], max_size=num_actors[1]),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+    with tqdm(total=len(shard_ids), desc=desc, unit="shard", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            bar.update(1)
+            yield row
