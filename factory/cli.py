@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from factory.config import ConfigError, load_config
-from factory.data import DataError
+from factory.config import load_config
 
 
 def _cmd_run(args) -> int:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError, DataError and missing checkpoints among them
         print(f"factory: error: {e}", file=sys.stderr)
         return 2
 

@@ -167,7 +167,7 @@ def sample(
                     value = g.energy(feats, frozen)
                     (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(active) - 1)
                     shift += g.weight * normalize_grad(grad, g.normalize, x)
-                    trace.append({"step": i, "name": g.name, "value": float(value)})
+                    trace.append({"step": i, "name": g.name, "value": float(value.detach())})
             _, s = _alpha_sigma(scheduler, t)
             eps = eps.detach() + s * shift
             out = _to_model_output(scheduler, eps, x, t)
