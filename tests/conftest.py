@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray with 2 CPUs, shared by every test that needs one."""
+    import ray
+
+    from factory.dataplane import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    # Ray workers import the classes defined in test modules by name: let them find the tests folder.
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
