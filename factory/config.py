@@ -33,6 +33,7 @@ class ModelConfig:
 
     name: str = "tiny"
     checkpoint: str = "digits"  # packaged name, local folder or hub id
+    options: dict = field(default_factory=dict)  # loader-specific (dtype, prompt template, adapter, ...)
 
 
 @dataclass
@@ -80,6 +81,20 @@ class EvalConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """Downstream classifier training on Ray Train, evaluated on the real test split."""
+
+    enabled: bool = False
+    model: str = "resnet18"  # a torchvision ResNet
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    train_on: list[str] = field(default_factory=lambda: ["synthetic"])  # synthetic | real | mixed
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -90,14 +105,15 @@ class Config:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     recipes: dict[str, RecipeConfig] = field(default_factory=lambda: {"cfg": RecipeConfig()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-BACKBONES = ("tiny",)
-FEATURE_SPACES = ("cnn",)
+BACKBONES = ("tiny", "sd15", "sd35m", "dit-xl-2")
+FEATURE_SPACES = ("cnn", "dinov2", "clip")
 ENERGIES = ("chamfer", "ot", "lowdensity")
 NORMALIZATIONS = ("none", "l2", "linf", "latent")
 FORMATS = ("parquet", "webdataset")
@@ -182,6 +198,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("output.formats: at least one format is needed")
     for i, f in enumerate(cfg.output.formats):
         _one_of(f, FORMATS, f"output.formats[{i}]")
+    for i, mode in enumerate(cfg.downstream.train_on):
+        _one_of(mode, ("synthetic", "real", "mixed"), f"downstream.train_on[{i}]")
+    if cfg.downstream.epochs < 1 or cfg.downstream.num_workers < 1 or cfg.downstream.batch_size < 1:
+        raise ConfigError("downstream: epochs, batch_size and num_workers must be >= 1")
     if cfg.eval.k < 1:
         raise ConfigError("eval.k: must be >= 1")
     if not cfg.recipes:

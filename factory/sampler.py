@@ -72,36 +72,58 @@ def normalize_grad(g: torch.Tensor, how: str, x: torch.Tensor) -> torch.Tensor:
     return g / (scale + eps).view(-1, *([1] * (g.dim() - 1)))
 
 
-def _alpha_sigma(scheduler, t) -> tuple[torch.Tensor, torch.Tensor]:
+def is_flow(scheduler) -> bool:
+    """Flow-matching schedulers (SD 3.5) keep sigmas and no alphas_cumprod."""
+    return not hasattr(scheduler, "alphas_cumprod")
+
+
+def _alpha_sigma(scheduler, t, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = α x₀ + σ ε at step i (timestep t)."""
+    if is_flow(scheduler):
+        s = scheduler.sigmas[i].to(torch.float32)
+        return 1 - s, s
     a = scheduler.alphas_cumprod[int(t)].to(torch.float32)
     return a.sqrt(), (1 - a).sqrt()
 
 
-def predict_x0(scheduler, model_out: torch.Tensor, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂₀, ε) from the model output, by the scheduler's prediction type."""
-    a, s = _alpha_sigma(scheduler, t)
+def predict_x0(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂₀, ε) from the model output, by the scheduler's prediction type (flow: v = ε − x₀)."""
+    a, s = _alpha_sigma(scheduler, t, i)
+    if is_flow(scheduler):
+        x0 = x - s * model_out
+        return x0, x0 + model_out
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
-        eps = model_out
-        x0 = (x - s * eps) / a
-    elif kind == "v_prediction":
-        x0 = a * x - s * model_out
-        eps = a * model_out + s * x
-    elif kind == "sample":
-        x0 = model_out
-        eps = (x - a * x0) / s
-    else:
-        raise ValueError(f"unsupported prediction type {kind!r}")
-    return x0, eps
+        return (x - s * model_out) / a, model_out
+    if kind == "v_prediction":
+        return a * x - s * model_out, a * model_out + s * x
+    if kind == "sample":
+        return model_out, (x - a * model_out) / s
+    raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def _to_model_output(scheduler, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
-    a, s = _alpha_sigma(scheduler, t)
+def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int, shift: torch.Tensor) -> torch.Tensor:
+    """The model output whose ε is ε + σ·shift at the same x_t, in the scheduler's parameterisation.
+
+    Flow matching: x₀ moves by −σ²/(1−σ)·shift; 1−σ is floored at 0.05 so the first step (σ = 1,
+    where x̂₀ carries no information) cannot blow up.
+    """
+    a, s = _alpha_sigma(scheduler, t, i)
+    if is_flow(scheduler):
+        return model_out + s * shift / a.clamp(min=0.05)
+    x0, eps = predict_x0(scheduler, model_out, x, t, i)
+    eps = eps + s * shift
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return eps
     x0 = (x - s * eps) / a
     return a * eps - s * x if kind == "v_prediction" else x0
+
+
+def _step(scheduler, out, t, x, eta, generator):
+    if is_flow(scheduler):
+        return scheduler.step(out, t, x, generator=generator).prev_sample
+    return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
 
 
 def sample(
@@ -137,9 +159,13 @@ def sample(
         start = min(int(round(steps * (1.0 - strength))), steps - 1)
         timesteps = timesteps[start:]
         x0 = backbone.encode(init_images)
-        x = scheduler.add_noise(x0, x, timesteps[:1].repeat(batch))
+        if is_flow(scheduler):
+            scheduler.set_begin_index(start)
+            x = scheduler.scale_noise(x0, timesteps[:1], x)
+        else:
+            x = scheduler.add_noise(x0, x, timesteps[:1].repeat(batch))
     else:
-        x = x * scheduler.init_noise_sigma
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     fixed_cond = backbone.condition(labels) if condition is None else None
     null = backbone.null_condition(batch) if cfg_scale != 1.0 else None
     trace = []
@@ -149,7 +175,7 @@ def sample(
         active = [g for g in guidance if g.active(i, n)]
         with torch.enable_grad() if active and grad_through == "model" else torch.no_grad():
             xg = x.detach().requires_grad_(bool(active))
-            x_in = scheduler.scale_model_input(xg, t)
+            x_in = scheduler.scale_model_input(xg, t) if hasattr(scheduler, "scale_model_input") else xg
             if null is None:
                 out = backbone.predict(x_in, t, cond)
             else:
@@ -160,7 +186,7 @@ def sample(
             if grad_through == "x0":
                 out = out.detach()
             with torch.enable_grad():
-                x0, eps = predict_x0(scheduler, out, xg, t)
+                x0, _ = predict_x0(scheduler, out, xg, t, i)
                 feats = features(backbone.decode(x0))
                 shift = torch.zeros_like(x)
                 for j, g in enumerate(active):
@@ -168,10 +194,8 @@ def sample(
                     (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(active) - 1)
                     shift += g.weight * normalize_grad(grad, g.normalize, x)
                     trace.append({"step": i, "name": g.name, "value": float(value.detach())})
-            _, s = _alpha_sigma(scheduler, t)
-            eps = eps.detach() + s * shift
-            out = _to_model_output(scheduler, eps, x, t)
-        x = scheduler.step(out.detach(), t, x, eta=eta, generator=generator).prev_sample
+            out = guided_output(scheduler, out.detach(), x, t, i, shift)
+        x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():
         images = backbone.decode(x).clamp(-1, 1)
     return SampleResult(images=images, energy_trace=trace)
