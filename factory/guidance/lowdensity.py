@@ -1,0 +1,513 @@
+"""Low-density guidance energies (paper 001: Sehwag et al., "Generating High Fidelity
+Data from Low-density Regions using Diffusion Models", CVPR 2022).
+
+Hardness score (Eq. 3): the negative log-likelihood of a feature z under the
+Gaussian model N(mu_y, Sigma_y) of class y in the embedding space,
+
+    H(z, y) = 1/2 [ (z - mu_y)^T Sigma_y^-1 (z - mu_y) + ln det Sigma_y + k ln 2 pi ].
+
+alpha term (Eq. 4), maximised by the paper: the contrastive log-softmax of
+hardness over the C classes with temperature tau,
+
+    L_g1(z, y) = log [ exp(H(z, y)/tau) / sum_{j=1..C} exp(H(z, j)/tau) ]
+
+(the paper prints ``H(x_j, j)`` in the denominator; the sum runs over classes
+for the same sample, "C is the total number of classes").  Maximising it makes
+the sample hard (unlikely) for its own class *relative* to the others.
+
+beta term (Eq. 6): a binary real(1)/synthetic(0) discriminator with score
+H'; the paper's loss is ``-log softmax(H'/tau)[real]`` with H' "hardness"
+(an NLL-like score), so the objective is to make the sample look *real*.  We
+use the discriminator's real-vs-fake logit ``l(z)`` (``H'(z,1) - H'(z,0) =
+-l(z)`` up to sign convention) and ``log p(real | z) = log sigmoid(l(z)/tau')``.
+
+Energies (lower is better, batch mean):
+
+    term_hard = -mean_b L_g1(z_b, y)
+    term_disc = -mean_b log p(real | z_b)
+
+Combination (Eq. 7 / Algorithm 1): the paper normalises the gradient of each
+guiding loss *separately* before weighting them, so the sampler should do
+
+    g_hard = grad_{x_t} term_hard,  g_disc = grad_{x_t} term_disc
+    g      = alpha * g_hard / ||g_hard|| + beta * g_disc / ||g_disc||
+    x_{t-1} = mu_theta - Sigma_theta * g + noise            (descent on the energies)
+
+per sample, with ``||.||`` the l_inf norm (Appendix A.4: "We normalize
+gradients to have unit l_inf norm"; Algorithm 1 writes a generic norm).
+:meth:`LowDensityEnergy.terms` returns the separate scalars and
+:func:`normalized_combination` implements the combination;
+``LowDensityEnergy.__call__`` returns the unnormalised
+``alpha * term_hard + beta * term_disc`` for simple use.  The paper searches
+alpha, beta in [0.01, 1] (main setting alpha = 0.5 when studying beta).
+
+Choices the paper leaves open (ours, documented):
+
+* tau is not given in the paper; default 1.0 (with normalised gradients it only
+  sets how sharply the softmax concentrates on the closest competing classes).
+* Single-class mode (``mean`` of shape [D]): the contrastive normaliser needs
+  the other classes' Gaussians; without them the term degenerates to
+  ``term_hard = -mean_b H(z_b, y) / tau`` (maximise the class NLL directly).
+  Pass all classes' means ([C, D]) plus ``label`` to get Eq. 4 exactly.
+* Precision: ``None`` = identity (what the paper uses *during sampling*,
+  Appendix A.1, because features of noisy samples have tiny variance), a
+  shared ``[D, D]`` matrix, or per-class ``[C, D, D]`` (memory C*D^2).  The
+  ``ln det Sigma`` term is included (it matters across classes in Eq. 4); it
+  is 0 for the identity.
+* :func:`fit_class_gaussians` adds a small ridge (relative to the mean
+  variance) to the sample covariance so it is invertible when N_class <= D,
+  matching ``factory.metrics.ClassGaussian`` (whose ``whiten`` W gives
+  ``precision = W^T W`` and whose ``means`` can be passed here directly).
+* The paper's discriminator is a time-conditioned U-Net encoder trained on 1.2M
+  synthetic vs real images; here it is a small MLP on (extractor) features,
+  trained by :meth:`FeatureDiscriminator.fit` with class-balanced BCE.
+* ``frozen`` is ignored: both terms are per-sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "hardness",
+    "fit_class_gaussians",
+    "FeatureDiscriminator",
+    "LowDensityEnergy",
+    "normalized_combination",
+]
+
+ArrayLike = Union[Tensor, np.ndarray]
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _as_tensor(x: ArrayLike) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def _compute_dtype(*ts: Tensor) -> torch.dtype:
+    dt = torch.float32
+    for t in ts:
+        if t is not None:
+            dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _logdet_cov_from_precision(precision: Optional[Tensor]) -> Tensor:
+    """``ln det Sigma = -ln det P`` (shape [] or [C]); 0 for identity (None)."""
+    if precision is None:
+        return torch.zeros(())
+    sign, logabs = torch.linalg.slogdet(precision.double())
+    if torch.any(sign <= 0):
+        raise ValueError("precision matrix must be positive definite")
+    return (-logabs).to(precision.dtype)
+
+
+def _quad_form(z: Tensor, mean: Tensor, precision: Optional[Tensor]) -> Tensor:
+    """Mahalanobis terms ``(z_b - mu_c)^T P_c (z_b - mu_c)`` as [B, C] for mean [C, D]."""
+    if precision is None:
+        # |z|^2 - 2 z.mu + |mu|^2, centred for accuracy
+        c = mean.detach().mean(0, keepdim=True)
+        zc, mc = z - c, mean - c
+        q = (zc * zc).sum(-1, keepdim=True) - 2.0 * zc @ mc.T + (mc * mc).sum(-1)[None, :]
+        return q.clamp_min(0.0)
+    if precision.ndim == 2:
+        zp = z @ precision  # [B, D]
+        mp = mean @ precision  # [C, D]
+        q = (zp * z).sum(-1, keepdim=True) - 2.0 * zp @ mean.T + (mp * mean).sum(-1)[None, :]
+        return q.clamp_min(0.0)
+    diff = z[:, None, :] - mean[None, :, :]  # [B, C, D]
+    return torch.einsum("bcd,cde,bce->bc", diff, precision, diff)
+
+
+def hardness(
+    features: Tensor,
+    mean: Tensor,
+    precision: Optional[Tensor] = None,
+    logdet_cov: Optional[Tensor] = None,
+) -> Tensor:
+    """Hardness score (paper 001, Eq. 3) = Gaussian negative log-likelihood.
+
+    ``features`` [B, D]; ``mean`` [D] (returns [B]) or [C, D] (returns [B, C]);
+    ``precision`` = Sigma^-1: ``None`` (identity), [D, D] (shared) or [C, D, D].
+    ``logdet_cov`` (``ln det Sigma``, [] or [C]) is computed from ``precision``
+    when not given.  Equals ``-scipy.stats.multivariate_normal.logpdf``.
+    """
+    single = mean.ndim == 1
+    means = mean[None, :] if single else mean
+    if precision is not None and precision.ndim == 3 and precision.shape[0] != means.shape[0]:
+        raise ValueError("per-class precision must have one matrix per mean")
+    dt = _compute_dtype(features, means, precision)
+    z = features.to(dt)
+    means = means.to(device=z.device, dtype=dt)
+    P = None if precision is None else precision.to(device=z.device, dtype=dt)
+    if logdet_cov is None:
+        logdet_cov = _logdet_cov_from_precision(P)
+    logdet_cov = logdet_cov.to(device=z.device, dtype=dt)
+    D = z.shape[-1]
+    h = 0.5 * (_quad_form(z, means, P) + logdet_cov + D * _LOG_2PI)
+    return h[:, 0] if single else h
+
+
+def fit_class_gaussians(
+    features: ArrayLike,
+    labels: ArrayLike,
+    num_classes: Optional[int] = None,
+    identity_precision: bool = False,
+    shared_covariance: bool = False,
+    ridge: float = 1e-3,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-class Gaussian model of features (paper 001, Sec. 3.2.1).
+
+    Returns ``(means [C, D], precisions)`` where ``precisions`` is ``None`` with
+    ``identity_precision=True`` (paper's sampling-time choice, Appendix A.1),
+    ``[D, D]`` with ``shared_covariance=True`` (pooled within-class covariance),
+    otherwise ``[C, D, D]``.
+
+    ``Sigma_y`` = unbiased sample covariance of class y (0 for a single point)
+    ``+ lambda I`` with ``lambda = ridge * mean per-dimension variance of all
+    features`` -- the same regularisation as ``factory.metrics.ClassGaussian``
+    so that guidance optimises the hardness the metrics report (ours: the paper
+    uses the plain sample covariance, singular when N_class <= D).  Classes
+    without samples get a zero mean and the pooled covariance (avoid them).
+    float64 math, float32 output.
+    """
+    X = _as_tensor(features).detach().double().cpu()
+    y = _as_tensor(labels).detach().long().cpu().reshape(-1)
+    if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
+        raise ValueError("features [N, D] and labels [N] mismatch")
+    C = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    N, D = X.shape
+    means = torch.zeros(C, D, dtype=torch.float64)
+    covs = torch.zeros(C, D, D, dtype=torch.float64)
+    pooled = torch.zeros(D, D, dtype=torch.float64)
+    dof = 0
+    counts = torch.bincount(y, minlength=C)
+    for c in range(C):
+        Xc = X[y == c]
+        if Xc.shape[0] == 0:
+            continue
+        means[c] = Xc.mean(0)
+        R = Xc - means[c]
+        pooled += R.T @ R
+        dof += Xc.shape[0] - 1
+        if Xc.shape[0] > 1:
+            covs[c] = R.T @ R / (Xc.shape[0] - 1)
+    pooled = pooled / max(dof, 1)
+    if identity_precision:
+        return means.float(), None
+    var = float(X.var(dim=0, unbiased=N > 1).mean()) if N > 1 else 0.0
+    lam = ridge * (var if var > 0 else 1.0)
+    eye = torch.eye(D, dtype=torch.float64)
+
+    def _prec(cov: Tensor) -> Tensor:
+        L = torch.linalg.cholesky(cov + lam * eye)
+        return torch.cholesky_inverse(L)
+
+    if shared_covariance:
+        return means.float(), _prec(pooled).float()
+    precs = torch.stack([_prec(covs[c] if counts[c] > 0 else pooled) for c in range(C)])
+    return means.float(), precs.float()
+
+
+class FeatureDiscriminator(nn.Module):
+    """Real(1)-vs-synthetic(0) classifier on feature vectors (paper 001, Sec. 3.2.2).
+
+    A small MLP (``hidden=(256,)``, SiLU so its input-gradients are smooth) or,
+    with ``hidden=()``, logistic regression.  Inputs are standardised with the
+    mean/std of the data seen by :meth:`fit`.  ``forward`` returns the real-vs-
+    fake logit [B]; :meth:`log_prob_real` its ``log sigmoid``.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (256,)):
+        super().__init__()
+        self.in_dim = int(in_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        dims = (self.in_dim,) + self.hidden + (1,)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.register_buffer("feat_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feat_std", torch.ones(self.in_dim))
+        self.reset_parameters(seed=0)
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """PyTorch's default Linear init, drawn from a private seeded generator."""
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for lin in self.layers:
+                bound = 1.0 / math.sqrt(lin.in_features)
+                w = (torch.rand(lin.weight.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+                b = (torch.rand(lin.bias.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+                lin.weight.copy_(w.to(lin.weight))
+                lin.bias.copy_(b.to(lin.bias))
+
+    def forward(self, features: Tensor) -> Tensor:
+        p = self.layers[0].weight
+        h = (features.to(device=p.device, dtype=p.dtype) - self.feat_mean) / self.feat_std
+        for i, lin in enumerate(self.layers):
+            h = lin(h)
+            if i < len(self.layers) - 1:
+                h = F.silu(h)
+        return h.squeeze(-1)
+
+    def log_prob_real(self, features: Tensor) -> Tensor:
+        """``log p(real | z)`` per row, [B]."""
+        return F.logsigmoid(self(features))
+
+    def fit(
+        self,
+        real_feats: ArrayLike,
+        fake_feats: ArrayLike,
+        epochs: int = 50,
+        seed: int = 0,
+        lr: float = 1e-2,
+        batch_size: int = 256,
+        weight_decay: float = 1e-4,
+    ) -> "FeatureDiscriminator":
+        """Train with class-balanced BCE and Adam; deterministic for a given ``seed``.
+
+        Parameters are re-initialised from ``seed``; mini-batch order comes from
+        a private generator seeded with ``seed``.  Runs on the module's device.
+        Leaves the module in eval mode with ``requires_grad=False`` parameters
+        (the sampler only needs gradients w.r.t. the input features).  Returns
+        ``self``; the last epoch's mean loss is in ``self.last_loss``.
+        """
+        dev = self.layers[0].weight.device
+        real = _as_tensor(real_feats).detach().float().to(dev)
+        fake = _as_tensor(fake_feats).detach().float().to(dev)
+        if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != self.in_dim or fake.shape[1] != self.in_dim:
+            raise ValueError("real/fake features must be [N, in_dim]")
+        if real.shape[0] == 0 or fake.shape[0] == 0:
+            raise ValueError("need both real and fake features")
+        X = torch.cat([real, fake], 0)
+        y = torch.cat([torch.ones(real.shape[0]), torch.zeros(fake.shape[0])]).to(dev)
+        w = torch.cat(
+            [torch.full((real.shape[0],), 0.5 / real.shape[0]), torch.full((fake.shape[0],), 0.5 / fake.shape[0])]
+        ).to(dev) * X.shape[0]
+        with torch.no_grad():
+            self.feat_mean.copy_(X.mean(0))
+            self.feat_std.copy_(X.std(0, unbiased=False).clamp_min(1e-6))
+        self.reset_parameters(seed)
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.train()
+        opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+        g = torch.Generator().manual_seed(int(seed))
+        n = X.shape[0]
+        bs = max(1, min(int(batch_size), n))
+        last = float("nan")
+        for _ in range(int(epochs)):
+            perm = torch.randperm(n, generator=g).to(dev)
+            tot, cnt = 0.0, 0
+            for s in range(0, n, bs):
+                idx = perm[s : s + bs]
+                logit = self(X[idx])
+                loss = (F.binary_cross_entropy_with_logits(logit, y[idx], reduction="none") * w[idx]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * idx.numel()
+                cnt += idx.numel()
+            last = tot / max(cnt, 1)
+        self.last_loss = last
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    @torch.no_grad()
+    def accuracy(self, real_feats: ArrayLike, fake_feats: ArrayLike) -> float:
+        """Balanced accuracy (mean of per-class accuracies) at threshold 0."""
+        real = _as_tensor(real_feats).float()
+        fake = _as_tensor(fake_feats).float()
+        acc_r = (self(real) > 0).float().mean().item()
+        acc_f = (self(fake) <= 0).float().mean().item()
+        return 0.5 * (acc_r + acc_f)
+
+
+class LowDensityEnergy:
+    """alpha/beta low-density guidance energy for one class (paper 001).
+
+    Parameters
+    ----------
+    mean:
+        ``[D]`` (this class only; contrastive term degenerates to ``-H/tau``) or
+        ``[C, D]`` (all classes; then ``label`` selects this class and Eq. 4 is
+        used exactly).
+    precision:
+        ``None`` (identity; the paper's sampling-time choice), ``[D, D]``, or
+        ``[C, D, D]`` (only with ``[C, D]`` means).
+    alpha, beta:
+        Weights of the hardness and discriminator terms (paper searches [0.01, 1]).
+    discriminator:
+        A fitted :class:`FeatureDiscriminator` (or any module mapping [B, D]
+        features to real-vs-fake logits [B]); ``None`` disables the beta term.
+        It is moved (in place) to the features' device on first use.
+    tau:
+        Temperature of Eq. 4 (not given in the paper; default 1.0).
+    label:
+        Class index (int or LongTensor [B]) into ``mean`` when it is [C, D].
+    disc_tau:
+        Temperature of Eq. 6 applied to the discriminator logit (default 1.0).
+
+    ``terms(features)`` -> ``{"hard": term_hard, "disc": term_disc}`` (``"disc"``
+    only with a discriminator); ``weights`` -> ``{"hard": alpha, "disc": beta}``;
+    ``energy(features, frozen=None)`` -> ``alpha*term_hard + beta*term_disc``.
+    See the module docstring for the normalised combination the sampler should use.
+    """
+
+    def __init__(
+        self,
+        mean: ArrayLike,
+        precision: Optional[ArrayLike] = None,
+        alpha: float = 0.5,
+        beta: float = 0.0,
+        discriminator: Optional[nn.Module] = None,
+        tau: float = 1.0,
+        label: Union[None, int, Tensor] = None,
+        disc_tau: float = 1.0,
+    ):
+        mean = _as_tensor(mean).detach()
+        if mean.ndim not in (1, 2):
+            raise ValueError("mean must be [D] or [C, D]")
+        P = None if precision is None else _as_tensor(precision).detach()
+        D = mean.shape[-1]
+        if P is not None:
+            if P.shape[-2:] != (D, D) or P.ndim not in (2, 3):
+                raise ValueError(f"precision must be [D, D] or [C, D, D], got {tuple(P.shape)}")
+            if P.ndim == 3 and (mean.ndim != 2 or P.shape[0] != mean.shape[0]):
+                raise ValueError("per-class precision needs [C, D] means with the same C")
+        if mean.ndim == 2:
+            if label is None:
+                if mean.shape[0] != 1:
+                    raise ValueError("label is required when mean holds several classes")
+                label = 0
+            lab = torch.as_tensor(label).long()
+            if torch.any(lab < 0) or torch.any(lab >= mean.shape[0]):
+                raise ValueError("label out of range")
+            self.label = lab
+        else:
+            self.label = None
+        if tau <= 0 or disc_tau <= 0:
+            raise ValueError("temperatures must be positive")
+        self.mean = mean
+        self.precision = P
+        self.logdet_cov = _logdet_cov_from_precision(P)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.discriminator = discriminator
+        self.tau = float(tau)
+        self.disc_tau = float(disc_tau)
+        self._cache: dict = {}
+
+    @property
+    def weights(self) -> Dict[str, float]:
+        w = {"hard": self.alpha}
+        if self.discriminator is not None:
+            w["disc"] = self.beta
+        return w
+
+    def _params(self, features: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """mean / precision / logdet on ``features``' device in the compute dtype (cached)."""
+        dt = _compute_dtype(features, self.mean, self.precision)
+        key = (str(features.device), dt)
+        if key not in self._cache:
+            P = None if self.precision is None else self.precision.to(device=features.device, dtype=dt)
+            self._cache[key] = (
+                self.mean.to(device=features.device, dtype=dt),
+                P,
+                self.logdet_cov.to(device=features.device, dtype=dt),
+            )
+        return self._cache[key]
+
+    def _all_hardness(self, features: Tensor) -> Tensor:
+        mean, P, logdet = self._params(features)
+        return hardness(features, mean, P, logdet)
+
+    def hardness(self, features: Tensor) -> Tensor:
+        """H(z, y) for this class, [B] (Eq. 3)."""
+        h = self._all_hardness(features)
+        if self.mean.ndim == 1:
+            return h
+        lab = self.label.to(h.device)
+        if lab.ndim == 0:
+            return h[:, lab]
+        return h.gather(1, lab.reshape(-1, 1)).squeeze(1)
+
+    def contrastive(self, features: Tensor) -> Tensor:
+        """L_g1 per sample, [B] (Eq. 4; to be maximised).  ``H/tau`` in single-class mode."""
+        h = self._all_hardness(features)
+        if self.mean.ndim == 1:
+            return h / self.tau
+        logp = torch.log_softmax(h / self.tau, dim=1)
+        lab = self.label.to(h.device)
+        if lab.ndim == 0:
+            return logp[:, lab]
+        return logp.gather(1, lab.reshape(-1, 1)).squeeze(1)
+
+    def terms(self, features: Tensor, frozen: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Separate energy scalars (lower is better): ``hard`` = -mean L_g1, ``disc`` = -mean log p(real)."""
+        out = {"hard": -self.contrastive(features).mean()}
+        if self.discriminator is not None:
+            disc = self.discriminator
+            p = next(disc.parameters(), None)
+            if p is not None and p.device != features.device:
+                disc.to(features.device)
+            logit = disc(features)
+            out["disc"] = -F.logsigmoid(logit / self.disc_tau).mean().to(out["hard"].dtype)
+        return out
+
+    def __call__(self, features: Tensor, frozen: Optional[Tensor] = None) -> Tensor:
+        t = self.terms(features)
+        e = self.alpha * t["hard"]
+        if "disc" in t:
+            e = e + self.beta * t["disc"]
+        return e.to(features.dtype) if features.dtype.is_floating_point else e
+
+    def __repr__(self) -> str:
+        C = 1 if self.mean.ndim == 1 else self.mean.shape[0]
+        return (
+            f"LowDensityEnergy(classes={C}, dim={self.mean.shape[-1]}, alpha={self.alpha}, beta={self.beta}, "
+            f"tau={self.tau}, precision={'identity' if self.precision is None else tuple(self.precision.shape)}, "
+            f"discriminator={'yes' if self.discriminator is not None else 'no'})"
+        )
+
+
+def normalized_combination(
+    grads: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    norm: str = "linf",
+    per_sample: bool = True,
+    eps: float = 1e-12,
+) -> Tensor:
+    """``sum_k weights[k] * grads[k] / ||grads[k]||`` (paper 001, Eq. 7 / Algorithm 1).
+
+    ``grads`` are the gradients of the separate energy terms w.r.t. x_t (all the
+    same shape, leading dim = batch).  ``norm``: ``"linf"`` (Appendix A.4,
+    default) or ``"l2"``.  ``per_sample=True`` normalises each sample's
+    gradient separately (the paper samples image by image).  Zero gradients
+    stay zero.  The result is a descent direction for the energies.
+    """
+    out = None
+    for k, w in weights.items():
+        if k not in grads or w == 0:
+            continue
+        g = grads[k]
+        flat = g.reshape(g.shape[0], -1) if (per_sample and g.ndim > 0) else g.reshape(1, -1)
+        if norm == "linf":
+            n = flat.abs().amax(dim=1)
+        elif norm == "l2":
+            n = flat.norm(dim=1)
+        else:
+            raise ValueError(f"unknown norm {norm!r}")
+        shape = (-1,) + (1,) * (g.ndim - 1) if (per_sample and g.ndim > 0) else ()
+        gn = g / n.clamp_min(eps).reshape(shape)
+        out = w * gn if out is None else out + w * gn
+    if out is None:
+        ref = next(iter(grads.values()))
+        return torch.zeros_like(ref)
+    return out
