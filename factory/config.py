@@ -48,7 +48,7 @@ class EnergyConfig:
     name: str  # chamfer | ot | lowdensity
     weight: float = 1.0  # gamma: strength of this energy's gradient
     every: int = 1  # apply every N steps (G_freq)
-    window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # active for t_frac in [a, b]
+    window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # active while step/steps is in [a, b]
     normalize: str = "l2"  # none | l2 | linf | latent
     params: dict = field(default_factory=dict)  # energy-specific (k, K, reg, alpha, beta, ...)
 
@@ -59,6 +59,10 @@ class RecipeConfig:
     scale: float = 1.0  # images per class = ceil(scale * train size / classes)
     images_per_class: int | None = None  # overrides scale when set
     energies: list[EnergyConfig] = field(default_factory=list)
+    soft_labels: dict | None = None  # DMGD dynamic soft labels; {} = the paper's defaults
+    progressive_batch: int = 0  # greedy progressive matching: sub-batch size within a shard; 0 = off
+    init_strength: float = 1.0  # < 1: latent prior, a real train image of the class noised to this strength
+    grad_through: str = "model"  # model | x0: backpropagate through the denoiser, or x̂₀ only
 
 
 @dataclass
@@ -216,6 +220,16 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{p}.scale: must be > 0, got {r.scale}")
         if r.images_per_class is not None and r.images_per_class < 1:
             raise ConfigError(f"{p}.images_per_class: must be >= 1")
+        if r.progressive_batch < 0:
+            raise ConfigError(f"{p}.progressive_batch: must be >= 0 (0 = off)")
+        if not 0.0 < r.init_strength <= 1.0:
+            raise ConfigError(f"{p}.init_strength: must be in (0, 1], got {r.init_strength}")
+        _one_of(r.grad_through, ("model", "x0"), f"{p}.grad_through")
+        if r.soft_labels is not None:
+            allowed = {"explore_from", "refine_until", "beta_s", "beta_n", "schedule"}
+            for k in r.soft_labels:
+                if k not in allowed:
+                    raise ConfigError(f"unknown key {p}.soft_labels.{k!r}; allowed keys: {', '.join(sorted(allowed))}")
         for i, e in enumerate(r.energies):
             ep = f"{p}.energies[{i}]"
             _one_of(e.name, ENERGIES, f"{ep}.name")

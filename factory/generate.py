@@ -48,7 +48,7 @@ class SyntheticProducer:
         self.backbone = load_backbone(self.cfg.backbone.name, self.cfg.backbone.checkpoint, self.train.size)
         self.features = load_features(self.cfg.features.name, self.cfg.features.checkpoint)
         self._train_features: torch.Tensor | None = None
-        self._guidance: dict[tuple[str, int], list[Guidance]] = {}
+        self._guidance: dict = {}  # per (recipe, class, shard) energies; per recipe discriminators
 
     @property
     def train_features(self) -> torch.Tensor:
@@ -56,42 +56,128 @@ class SyntheticProducer:
             self._train_features = embed(self.features, torch.from_numpy(self.train.to_float()))
         return self._train_features
 
-    def _energy(self, e: EnergyConfig, recipe: str, label: int):
+    def _class_features(self, label: int) -> torch.Tensor:
+        return self.train_features[torch.from_numpy(self.train.labels == label)]
+
+    def _energy(self, e: EnergyConfig, recipe: str, shard: Shard):
         from factory import guidance
 
-        feats = self.train_features[torch.from_numpy(self.train.labels == label)]
-        seed = shard_seed(self.cfg.seed, f"{recipe}/{e.name}", label, 0)
+        feats = self._class_features(shard.label)
+        seed = shard_seed(self.cfg.seed, f"{recipe}/{e.name}", shard.label, 0)
         p = dict(e.params)
         if e.name == "chamfer":
-            refs = guidance.chamfer.select_references(feats, int(p.pop("k", 32)), seed)
-            return guidance.chamfer.ChamferEnergy(refs, **p)
+            refs = guidance.select_references(feats, int(p.pop("k", 32)), seed)
+            return guidance.ChamferEnergy(refs, **p)
         if e.name == "ot":
-            support, masses = guidance.ot.kmeans_support(feats, K=int(p.pop("K", 10)), seed=seed % 2**31)
-            return guidance.ot.OTEnergy(support, masses, **p)
-        raise ValueError(f"energy {e.name!r} is not available in this build")
+            support, masses = guidance.kmeans_support(feats, K=int(p.pop("K", 10)), seed=seed % 2**31)
+            n = self._images_per_class(recipe)
+            # The class's target mass is partitioned across its shards (each fills its own share), so
+            # shards stay independent, parallel and resumable while the class as a whole is matched.
+            span = (shard.first_image / n, (shard.first_image + shard.num_images) / n)
+            part = guidance.partition_masses(masses, 1, 0, span=span)
+            p.setdefault("cost_scale", guidance.cost_scale_from_features(feats))
+            return guidance.OTEnergy(support, part, **p)
+        if e.name == "lowdensity":
+            identity = bool(p.pop("identity_precision", True))
+            p.pop("baseline_per_class", None)  # used by _discriminator
+            means, precisions = guidance.fit_class_gaussians(
+                self.train_features, torch.from_numpy(self.train.labels), self.train.num_classes,
+                identity_precision=identity)
+            disc = self._discriminator(recipe) if float(p.get("beta", 0.0)) > 0 else None
+            return guidance.LowDensityEnergy(means, None if identity else precisions, label=shard.label,
+                                             discriminator=disc, **p)
+        raise ValueError(f"unknown energy {e.name!r}")
 
-    def guidance_for(self, recipe: str, label: int) -> list[Guidance]:
-        key = (recipe, label)
+    def _images_per_class(self, recipe: str) -> int:
+        from factory.plan import images_per_class
+
+        r = self.cfg.recipes[recipe]
+        return images_per_class(r.scale, r.images_per_class, len(self.train.labels), self.train.num_classes)
+
+    def _discriminator(self, recipe: str):
+        """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001).
+
+        Trained once per actor, deterministically, on the train features against baseline samples of
+        the same backbone with plain CFG at the recipe's scale (``baseline_per_class`` per class).
+        """
+        from factory import guidance
+
+        key = ("disc", recipe)
+        if key not in self._guidance:
+            r = self.cfg.recipes[recipe]
+            (e,) = [e for e in r.energies if e.name == "lowdensity"]
+            per_class = int(e.params.get("baseline_per_class", 64))
+            fakes = []
+            for label in range(self.train.num_classes):
+                g = torch.Generator().manual_seed(shard_seed(self.cfg.seed, f"{recipe}/baseline", label, 0))
+                labels = torch.full((per_class,), label, dtype=torch.long)
+                images = sample(self.backbone, self.backbone.scheduler, labels, g, self.cfg.sampling.steps,
+                                cfg_scale=r.cfg_scale, eta=self.cfg.sampling.eta).images
+                fakes.append(embed(self.features, images))
+            disc = guidance.FeatureDiscriminator(self.train_features.shape[1])
+            disc.fit(self.train_features, torch.cat(fakes), seed=self.cfg.seed)
+            self._guidance[key] = disc.eval().requires_grad_(False)
+        return self._guidance[key]
+
+    def guidance_for(self, shard: Shard) -> list[Guidance]:
+        key = (shard.recipe, shard.label, shard.index)
         if key not in self._guidance:
             self._guidance[key] = [
-                Guidance(self._energy(e, recipe, label), e.weight, e.every, tuple(e.window), e.normalize, e.name)
-                for e in self.cfg.recipes[recipe].energies
+                Guidance(self._energy(e, shard.recipe, shard), e.weight, e.every, tuple(e.window), e.normalize,
+                         e.name)
+                for e in self.cfg.recipes[shard.recipe].energies
             ]
         return self._guidance[key]
+
+    def _soft_label_condition(self, params: dict, labels: torch.Tensor, generator: torch.Generator):
+        """DMGD's dynamic soft labels: the conditioning of step i of n (paper 003, three stages)."""
+        from factory import guidance
+
+        table = self.backbone.condition(torch.arange(self.backbone.num_classes))
+        others = guidance.pick_other_class(labels, self.backbone.num_classes, generator)
+        f_y, f_other = self.backbone.condition(labels), self.backbone.condition(others)
+        std = guidance.embedding_noise_std(table)
+
+        def condition(i: int, n: int) -> torch.Tensor:
+            # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n
+            return guidance.soft_label_embedding(1.0 - i / n, f_y, f_other, generator, noise_std=std, **params)
+
+        return condition
 
     def sample_shard(self, shard: Shard) -> torch.Tensor:
         recipe = self.cfg.recipes[shard.recipe]
         generator = torch.Generator().manual_seed(shard.seed)
-        labels = torch.full((shard.num_images,), shard.label, dtype=torch.long)
-        guidance = self.guidance_for(shard.recipe, shard.label)
-        result = sample(
-            self.backbone, self.backbone.scheduler, labels, generator, self.cfg.sampling.steps,
-            cfg_scale=recipe.cfg_scale, guidance=guidance, features=self.features if guidance else None,
-            eta=self.cfg.sampling.eta,
-        )
-        if not torch.isfinite(result.images).all():
+        aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
+        guidance = self.guidance_for(shard)
+        step = recipe.progressive_batch or shard.num_images
+        init_pool = None
+        if recipe.init_strength < 1.0:
+            init_pool = torch.from_numpy(self.train.to_float()[self.train.labels == shard.label])
+        images, frozen = [], None
+        # Greedy progressive matching: each sub-batch is guided given the frozen samples before it.
+        for start in range(0, shard.num_images, step):
+            labels = torch.full((min(step, shard.num_images - start),), shard.label, dtype=torch.long)
+            condition = None
+            if recipe.soft_labels is not None:
+                condition = self._soft_label_condition(recipe.soft_labels, labels, aux)
+            init = None
+            if init_pool is not None:
+                init = init_pool[torch.randint(len(init_pool), (len(labels),), generator=aux)]
+            result = sample(
+                self.backbone, self.backbone.scheduler, labels, generator, self.cfg.sampling.steps,
+                cfg_scale=recipe.cfg_scale, guidance=guidance, features=self.features if guidance else None,
+                frozen=frozen, condition=condition, init_images=init, strength=recipe.init_strength,
+                eta=self.cfg.sampling.eta, grad_through=recipe.grad_through,
+            )
+            images.append(result.images)
+            if guidance and recipe.progressive_batch:
+                with torch.no_grad():
+                    f = self.features(result.images)
+                frozen = f if frozen is None else torch.cat([frozen, f])
+        images = torch.cat(images)
+        if not torch.isfinite(images).all():
             raise FloatingPointError(f"shard {shard.recipe}/{shard.name}: sampling produced NaN or Inf")
-        return result.images
+        return images
 
     def __call__(self, shard: Shard) -> list[dict]:
         arrays = to_uint8(self.sample_shard(shard))

@@ -126,6 +126,15 @@ def _step(scheduler, out, t, x, eta, generator):
     return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
 
 
+def _terms(g: Guidance, feats: torch.Tensor, frozen) -> list[tuple[str, float, torch.Tensor]]:
+    """An energy's scalar parts. Energies exposing ``terms()`` and ``weights`` (low-density, paper 001)
+    get each term's gradient normalised separately before weighting, as that paper prescribes."""
+    if hasattr(g.energy, "terms") and hasattr(g.energy, "weights"):
+        weights = g.energy.weights
+        return [(f"{g.name}.{k}", weights[k], v) for k, v in g.energy.terms(feats, frozen).items() if weights[k]]
+    return [(g.name, 1.0, g.energy(feats, frozen))]
+
+
 def sample(
     backbone: Backbone,
     scheduler,
@@ -189,11 +198,11 @@ def sample(
                 x0, _ = predict_x0(scheduler, out, xg, t, i)
                 feats = features(backbone.decode(x0))
                 shift = torch.zeros_like(x)
-                for j, g in enumerate(active):
-                    value = g.energy(feats, frozen)
-                    (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(active) - 1)
-                    shift += g.weight * normalize_grad(grad, g.normalize, x)
-                    trace.append({"step": i, "name": g.name, "value": float(value.detach())})
+                parts = [(g, name, w, value) for g in active for name, w, value in _terms(g, feats, frozen)]
+                for j, (g, name, w, value) in enumerate(parts):
+                    (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(parts) - 1)
+                    shift += g.weight * w * normalize_grad(grad, g.normalize, x)
+                    trace.append({"step": i, "name": name, "value": float(value.detach())})
             out = guided_output(scheduler, out.detach(), x, t, i, shift)
         x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():

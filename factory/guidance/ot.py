@@ -187,6 +187,7 @@ def partition_masses(
     num_shards: int,
     shard_index: int,
     num_samples: Optional[int] = None,
+    span: Optional[Tuple[float, float]] = None,
 ) -> Tensor:
     """The part of a class's target measure that shard ``shard_index`` of ``num_shards`` should fill.
 
@@ -207,6 +208,9 @@ def partition_masses(
       shards with no samples get all-zero masses).  Cluster ``i`` is given an
       integer quota ``round(n * m_i)`` (largest-remainder rounding) of sample
       slots, and shard ``s`` owns a contiguous block of slots.
+    * ``span=(lo, hi)``: the shard owns the fraction ``[lo, hi)`` of the class's
+      cumulative mass (for plans whose shards are not an even split: a shard
+      holding samples ``[a, b)`` of ``n`` passes ``(a / n, b / n)``).
 
     Returns the shard's masses (``[K]``, same order as ``masses``, normalised
     to sum to 1 unless the shard is empty; zero entries mean "not this
@@ -220,7 +224,13 @@ def partition_masses(
         raise ValueError(f"bad shard_index {shard_index} for num_shards {num_shards}")
     m = m / m.sum()
     S = int(num_shards)
-    if num_samples is None:
+    if span is not None:
+        edges = np.concatenate([[0.0], np.cumsum(m)])
+        edges[-1] = 1.0
+        lo, hi = float(span[0]), float(span[1])
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"span must satisfy 0 <= lo < hi <= 1, got {span}")
+    elif num_samples is None:
         edges = np.concatenate([[0.0], np.cumsum(m)])
         edges[-1] = 1.0
         lo, hi = shard_index / S, (shard_index + 1) / S
