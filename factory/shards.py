@@ -19,6 +19,7 @@ import io
 import json
 import os
 import tarfile
+import time
 import uuid
 
 import fsspec
@@ -77,6 +78,7 @@ class ShardSink:
         self.formats = list(formats)
         self.fs, self.root = fsspec.core.url_to_fs(self.output, **(storage_options or {}))
         self.local = isinstance(self.fs, LocalFileSystem)
+        self.retries = 6
 
     def path(self, recipe: str, kind: str, name: str) -> str:
         if kind == "_stats":
@@ -86,14 +88,30 @@ class ShardSink:
     def url(self, recipe: str, kind: str, name: str) -> str:
         return self.fs.unstrip_protocol(self.path(recipe, kind, name))
 
+    def _retry(self, what: str, fn, *args):
+        """Object stores fail transiently (throttling, a restarting endpoint): retry with backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # the backends raise many types for the same transient failure
+                if self.local or attempt == self.retries:
+                    raise OSError(f"{what} failed after {attempt + 1} attempts: {e}") from e
+                time.sleep(min(8.0, 0.25 * 2**attempt))
+
     def is_complete(self, recipe: str, name: str) -> bool:
-        return self.fs.exists(self.path(recipe, "_stats", name))
+        path = self.path(recipe, "_stats", name)
+        return self._retry(f"checking {path}", lambda: self.fs.exists(path))
 
     def completed(self, recipe: str) -> set[str]:
         """Names of the recipe's completed shards, from one listing of its stats folder."""
         folder = f"{self.root}/{recipe}/_stats"
         try:
-            entries = self.fs.ls(folder, detail=False, refresh=True) if not self.local else os.listdir(folder)
+            if self.local:
+                entries = os.listdir(folder)
+            else:
+                entries = self._retry(f"listing {folder}", lambda: self.fs.ls(folder, detail=False, refresh=True))
         except FileNotFoundError:
             return set()
         names = (e.rsplit("/", 1)[-1] for e in entries)
@@ -112,7 +130,7 @@ class ShardSink:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            self._retry(f"writing {self.fs.unstrip_protocol(path)}", self.fs.pipe_file, path, data)
 
     def commit(self, recipe: str, name: str, records: list[dict], stats: dict) -> dict:
         """Write every format of one shard, then its stats file; returns the stats written."""
