@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:  # ConfigError, DataError and missing checkpoints among them
+    except (ValueError, OSError, RuntimeError) as e:  # config, data, checkpoints, shard failures
         print(f"factory: error: {e}", file=sys.stderr)
         return 2
 

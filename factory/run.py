@@ -25,6 +25,22 @@ from factory.plan import Plan, RecipePlan, images_per_class
 from factory.shards import ShardSink
 
 
+class ShardError(RuntimeError):
+    """A shard could not be made; the message carries the root cause raised in the worker."""
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a worker raised, under Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None:
+            break
+        e = nxt
+    return e
+
+
 def resolve_labels(cfg: Config, real: RealSet) -> list[int]:
     if cfg.data.classes is None:
         return list(range(real.num_classes))
@@ -128,15 +144,18 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     sink.check_writable()
     ensure_ray(cfg.executor.address)
     pending = pending_shards(plan, sink)
-    made = skipped = 0
+    made = 0
     t_sample = time.perf_counter()
-    for row in run_shards(
-        plan, pending, functools.partial(SyntheticProducer, cfg.to_dict()), output, cfg.output.formats,
-        num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
-        num_gpus=cfg.executor.num_gpus, progress=progress, desc=f"{cfg.name} shards",
-    ):
-        made += not row["skipped"]
-        skipped += bool(row["skipped"])
+    try:
+        for row in run_shards(
+            plan, pending, functools.partial(SyntheticProducer, cfg.to_dict()), output, cfg.output.formats,
+            num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
+            num_gpus=cfg.executor.num_gpus, progress=progress, desc=f"{cfg.name} shards",
+        ):
+            made += not row["skipped"]
+    except Exception as e:
+        cause = root_cause(e)
+        raise ShardError(f"{type(cause).__name__}: {cause} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
     metrics = score_recipes(cfg, sink, plan, train, test)
     wall = {"sampling": round(t_score - t_sample, 2), "scoring": round(time.perf_counter() - t_score, 2)}
