@@ -37,6 +37,13 @@ class ModelConfig:
 
 
 @dataclass
+class FeaturesConfig(ModelConfig):
+    """The feature space used for guidance and evaluation."""
+
+    name: str = "cnn"
+
+
+@dataclass
 class SamplingConfig:
     steps: int = 25
     shard_size: int = 135  # images per shard: one shard is one sampling batch of one class
@@ -104,7 +111,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     backbone: ModelConfig = field(default_factory=ModelConfig)
-    features: ModelConfig = field(default_factory=lambda: ModelConfig(name="cnn", checkpoint="digits"))
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
