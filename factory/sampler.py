@@ -3,15 +3,18 @@
 The loop runs over the scheduler's own timesteps. At a step where an energy is active, the sampler
 forms x̂₀ from the model output (by the scheduler's prediction type), decodes it to pixels (through
 the VAE for latent backbones), embeds it with the feature extractor, takes each energy's gradient
-back to x_t, normalises it, and shifts the noise prediction like classifier guidance:
+back to x_t, normalises it, and moves the step's x̂₀ against it, keeping x_t:
 
-    ε̃ = ε + σ_t · Σ_i γ_i · normalise(∇_{x_t} E_i(f(D(x̂₀(x_t)))))          (σ_t = √(1 − ᾱ_t))
+    x̂₀ ← x̂₀ − Σ_i γ_i · normalise(α_t ∇_{x_t} E_i(f(D(x̂₀(x_t)))))
 
-which is the score form ∇log p(x_t | c, X) = ∇log p(x_t | c) − γ ∇E of the Chamfer guidance paper
-(000, eq. 3). ``grad_through="model"`` backpropagates through the denoiser as well (the papers' form);
-``"x0"`` treats the model output as constant, the cheap variant. With no energy active at a step the
-step is exactly the plain step, so a run with every energy off reproduces plain sampling bit for bit.
-CFG with ω = 1 skips the unconditional pass.
+and the scheduler then steps from the corrected prediction (for ε-prediction this is ε + (α_t/σ_t)·Δ).
+This is the guidance direction of the papers (−γ∇E, paper 000 eq. 3; DMGD's −ρ_t∇E), with the step
+measured in x̂₀ units so that γ means the same at every t: the score form's σ_t/α_t factor grows
+without bound at the noisy end of the trajectory, where it made guidance overshoot and raise the
+energy in our measurements. ``grad_through="model"`` backpropagates through the denoiser as well (the
+papers' form); ``"x0"`` treats the model output as constant, the cheap variant. With no energy active
+at a step the step is exactly the plain step, so a run with every energy off reproduces plain sampling
+bit for bit. CFG with ω = 1 skips the unconditional pass.
 """
 
 from __future__ import annotations
@@ -102,21 +105,20 @@ def predict_x0(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int) -
     raise ValueError(f"unsupported prediction type {kind!r}")
 
 
-def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int, shift: torch.Tensor) -> torch.Tensor:
-    """The model output whose ε is ε + σ·shift at the same x_t, in the scheduler's parameterisation.
+def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int, delta_x0: torch.Tensor) -> torch.Tensor:
+    """The model output whose x̂₀ is x̂₀ − delta_x0 at the same x_t, in the scheduler's parameterisation.
 
-    Flow matching: x₀ moves by −σ²/(1−σ)·shift; 1−σ is floored at 0.05 so the first step (σ = 1,
-    where x̂₀ carries no information) cannot blow up.
+    At fixed x_t, moving x̂₀ by −Δ means ε + (α/σ)·Δ (flow matching: v + Δ/σ, σ floored at 0.05).
     """
     a, s = _alpha_sigma(scheduler, t, i)
     if is_flow(scheduler):
-        return model_out + s * shift / a.clamp(min=0.05)
+        return model_out + delta_x0 / s.clamp(min=0.05)
     x0, eps = predict_x0(scheduler, model_out, x, t, i)
-    eps = eps + s * shift
+    x0 = x0 - delta_x0
+    eps = (x - a * x0) / s
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return eps
-    x0 = (x - s * eps) / a
     return a * eps - s * x if kind == "v_prediction" else x0
 
 
@@ -197,13 +199,15 @@ def sample(
             with torch.enable_grad():
                 x0, _ = predict_x0(scheduler, out, xg, t, i)
                 feats = features(backbone.decode(x0))
-                shift = torch.zeros_like(x)
+                a, _ = _alpha_sigma(scheduler, t, i)
+                delta = torch.zeros_like(x)
                 parts = [(g, name, w, value) for g in active for name, w, value in _terms(g, feats, frozen)]
                 for j, (g, name, w, value) in enumerate(parts):
                     (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(parts) - 1)
-                    shift += g.weight * w * normalize_grad(grad, g.normalize, x)
+                    # α·∇_{x_t}E is the gradient in x̂₀ units (exactly ∇_{x̂₀}E when the model output is held)
+                    delta += g.weight * w * normalize_grad(a * grad, g.normalize, x)
                     trace.append({"step": i, "name": name, "value": float(value.detach())})
-            out = guided_output(scheduler, out.detach(), x, t, i, shift)
+            out = guided_output(scheduler, out.detach(), x, t, i, delta)
         x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():
         images = backbone.decode(x).clamp(-1, 1)
