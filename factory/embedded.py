@@ -1,0 +1,430 @@
+"""The embedded backbone: tiny class-conditional diffusion UNets and feature CNNs trained by this project.
+
+Checkpoints for the embedded real sets live in ``factory/weights/<dataset>/``::
+
+    unet/       UNet2DModel.save_pretrained (config.json + diffusion_pytorch_model.safetensors)
+    scheduler/  DDPMScheduler.save_pretrained (scheduler_config.json)
+    cnn/        FeatureCNN: config.json + model.safetensors
+    training.json  how they were trained (seed, steps, wall times, CNN test accuracy)
+
+The UNet is conditioned through ``class_labels``; id ``num_classes`` is the NULL class used for
+classifier-free guidance. It works at ``config["sample_size"]``, which may differ from the real set's
+size: use :func:`to_model_space` / :func:`to_real_size` to convert. Everything is trained on the
+train split only (``load_real(dataset, "train")``) and is deterministic given the seed.
+
+Train with ``python -m factory.embedded digits`` (writes ``factory/weights/digits``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# Per-dataset training recipes (the CPU budget is ~10-15 minutes on 2 cores).
+RECIPES: dict[str, dict] = {
+    "digits": {
+        "sample_size": 8,
+        "unet": {"channels": (32, 64, 64), "layers_per_block": 1, "attention": False},
+        "unet_steps": 4000, "unet_batch": 128, "unet_lr": 1e-3,
+        "cnn": {"work_size": 16, "width": 32, "feat_dim": 64},
+        "cnn_epochs": 60, "cnn_batch": 64, "cnn_lr": 2e-3, "max_train": None,
+    },
+    "fashion_mnist": {
+        "sample_size": 28,
+        "unet": {"channels": (32, 64, 64), "layers_per_block": 1},
+        "unet_steps": 3000, "unet_batch": 64, "unet_lr": 1e-3,
+        "cnn": {"work_size": 28, "width": 32, "feat_dim": 128},
+        "cnn_epochs": 4, "cnn_batch": 128, "cnn_lr": 2e-3, "max_train": None,
+    },
+}
+DEFAULT_RECIPE = RECIPES["digits"]
+
+
+# ----------------------------------------------------------------------------- size conversion
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    h, w = _hw(size)
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+    if h <= x.shape[-2] and w <= x.shape[-1]:
+        return F.interpolate(x, size=(h, w), mode="area")
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def to_model_space(x_real: torch.Tensor, sample_size) -> torch.Tensor:
+    """Real-size pixels (N, C, H, W) in [-1, 1] -> the UNet's working size (differentiable)."""
+    return _resize(x_real, sample_size)
+
+
+def to_real_size(x_model: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Model-size pixels -> the real set's (H, W) (area down, bilinear up; differentiable)."""
+    return _resize(x_model, size)
+
+
+# ----------------------------------------------------------------------------- diffusion model
+
+def tiny_unet_config(sample_size, in_channels: int, num_classes: int, *,
+                     channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                     attention: bool = True) -> dict:
+    """A small class-conditional UNet2DModel config; ``num_class_embeds = num_classes + 1`` (last = NULL).
+
+    Attention is used in the lower-resolution blocks only (not the first).
+    """
+    n = len(channels)
+    down = ["DownBlock2D"] + ["AttnDownBlock2D" if attention else "DownBlock2D"] * (n - 1)
+    up = ["AttnUpBlock2D" if attention else "UpBlock2D"] * (n - 1) + ["UpBlock2D"]
+    groups = math.gcd(8, *channels)
+    return {
+        "sample_size": sample_size if isinstance(sample_size, int) else list(_hw(sample_size)),
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "block_out_channels": list(channels),
+        "layers_per_block": layers_per_block,
+        "down_block_types": down,
+        "up_block_types": up,
+        "attention_head_dim": min(32, channels[-1]),
+        "norm_num_groups": groups,
+        "add_attention": attention,
+        "num_class_embeds": num_classes + 1,
+    }
+
+
+def scheduler_config(num_train_timesteps: int = 1000) -> dict:
+    """DDPM config: cosine (squaredcos_cap_v2) betas suit small images; epsilon prediction.
+
+    ``clip_sample`` is off: DDIM clips x̂₀ but keeps the unclipped (CFG-amplified) ε, which at
+    CFG 2-3 turns samples into speckle. Clamp the final images to [-1, 1] instead.
+    """
+    return {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+
+
+def build_unet(config: dict):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**config)
+
+
+def null_class(unet) -> int:
+    """The NULL (unconditional) class id of a UNet: its last class embedding."""
+    return int(unet.config.num_class_embeds) - 1
+
+
+# ----------------------------------------------------------------------------- feature CNN
+
+class FeatureCNN(nn.Module):
+    """Small classifier CNN; ``forward`` gives penultimate features (N, feat_dim), ``classify`` logits.
+
+    Input: float (N, C, H, W) in [-1, 1] at the real set's size; resized internally to ``work_size``.
+    GroupNorm only, so train/eval behave the same and gradients flow cleanly for guidance.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size=(8, 8),
+                 work_size: int = 16, width: int = 32, feat_dim: int = 64):
+        super().__init__()
+        self.config = {
+            "in_channels": in_channels, "num_classes": num_classes, "image_size": list(_hw(image_size)),
+            "work_size": work_size, "width": width, "feat_dim": feat_dim,
+        }
+        w = width
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.body = nn.Sequential(
+            block(in_channels, w), block(w, w), nn.AvgPool2d(2),
+            block(w, 2 * w), block(2 * w, 2 * w), nn.AvgPool2d(2),
+            block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.proj = nn.Sequential(nn.Linear(4 * w, feat_dim), nn.SiLU())
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.config["feat_dim"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _resize(x, self.config["work_size"])
+        return self.proj(self.body(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward(x))
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _resolve(path_or_dataset: str | Path, part: str, marker: str) -> Path:
+    """A packaged dataset name -> factory/weights/<name>/<part>; a folder -> itself or its <part>/."""
+    s = str(path_or_dataset)
+    candidates = []
+    if "/" not in s and "\\" not in s and s not in (".", ".."):
+        candidates.append(WEIGHTS_DIR / s / part)
+    p = Path(s).expanduser()
+    candidates += [p, p / part]
+    for c in candidates:
+        if (c / marker).is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise ValueError(f"no {part} checkpoint for {s!r}: expected {marker} in one of: {tried}")
+
+
+def load_unet(path_or_dataset: str | Path):
+    """Load a UNet2DModel (eval mode) by packaged dataset name ("digits") or checkpoint folder."""
+    from diffusers import UNet2DModel
+
+    folder = _resolve(path_or_dataset, "unet", "config.json")
+    return UNet2DModel.from_pretrained(str(folder)).eval()
+
+
+def load_scheduler(path_or_dataset: str | Path, kind: str = "ddim"):
+    """Load the noise schedule as a "ddim" (default, for few-step sampling) or "ddpm" scheduler."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if kind not in classes:
+        raise ValueError(f"scheduler kind must be one of {sorted(classes)}, got {kind!r}")
+    folder = _resolve(path_or_dataset, "scheduler", "scheduler_config.json")
+    return classes[kind].from_pretrained(str(folder))
+
+
+def load_cnn(path_or_dataset: str | Path) -> FeatureCNN:
+    """Load a FeatureCNN (eval mode) by packaged dataset name or folder (config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    folder = _resolve(path_or_dataset, "cnn", "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    model = FeatureCNN(**config)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- training
+
+def _setup(seed: int, threads: int = 2) -> torch.Generator:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _real(dataset: str, max_train: int | None, gen: torch.Generator):
+    from factory.data import load_real
+
+    real = load_real(dataset, "train")
+    x = torch.from_numpy(real.to_float())
+    y = torch.from_numpy(real.labels)
+    if max_train is not None and max_train < len(x):
+        idx = torch.randperm(len(x), generator=gen)[:max_train]
+        x, y = x[idx], y[idx]
+    return real, x, y
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *,
+               batch_size: int | None = None, lr: float | None = None, p_uncond: float = 0.1,
+               ema_decay: float = 0.999, sample_size=None, unet_kwargs: dict | None = None,
+               max_train: int | None = None, log_every: int = 250, threads: int = 2) -> dict:
+    """Train the class-conditional UNet (epsilon MSE, label dropout ``p_uncond`` to NULL, EMA weights).
+
+    Writes ``out_dir/unet`` (EMA weights) and ``out_dir/scheduler``; returns a summary dict.
+    """
+    from diffusers import DDPMScheduler
+
+    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    batch_size = batch_size or recipe["unet_batch"]
+    lr = lr or recipe["unet_lr"]
+    gen = _setup(seed, threads)
+    real, x, y = _real(dataset, max_train, gen)
+    size = sample_size or recipe["sample_size"]
+    x = to_model_space(x, size).contiguous()
+    num_classes = real.num_classes
+
+    config = tiny_unet_config(size, x.shape[1], num_classes, **(unet_kwargs or recipe["unet"]))
+    unet = build_unet(config).train()
+    ema = build_unet(config).eval()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    sched = DDPMScheduler(**scheduler_config())
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"[unet:{dataset}] {n_params / 1e6:.2f}M params, sample_size={size}, {len(x)} train images, "
+          f"{steps} steps x batch {batch_size}", flush=True)
+
+    t0, c0, running = time.time(), time.process_time(), 0.0
+    T = sched.config.num_train_timesteps
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
+        x0, labels = x[idx], y[idx].clone()
+        labels[torch.rand(batch_size, generator=gen) < p_uncond] = num_classes
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, T, (batch_size,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
+        loss = F.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - d)
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            print(f"[unet:{dataset}] step {step + 1}/{steps} loss {running / n:.4f} "
+                  f"({time.time() - t0:.0f}s wall, {time.process_time() - c0:.0f}s cpu)", flush=True)
+            running = 0.0
+    wall, cpu = time.time() - t0, time.process_time() - c0
+
+    out_dir = Path(out_dir)
+    ema.save_pretrained(str(out_dir / "unet"))
+    sched.save_pretrained(str(out_dir / "scheduler"))
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "p_uncond": p_uncond, "ema_decay": ema_decay,
+            "params": n_params, "train_images": len(x), "threads": threads,
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: float = 0.1, rot_deg: float = 10.0,
+             scale: float = 0.1) -> torch.Tensor:
+    """Small random affine jitter (background is -1, so pad with -1)."""
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(rot_deg)
+    s = 1 + (torch.rand(n, generator=gen) * 2 - 1) * scale
+    tx, ty = [(torch.rand(n, generator=gen) * 2 - 1) * shift * 2 for _ in range(2)]
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
+@torch.no_grad()
+def accuracy(cnn: FeatureCNN, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy of ``cnn.classify`` on float images x (N, C, H, W) in [-1, 1]."""
+    cnn.eval()
+    pred = torch.cat([cnn.classify(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return float((pred == y).float().mean())
+
+
+def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
+              batch_size: int | None = None, lr: float | None = None, cnn_kwargs: dict | None = None,
+              augment: bool = True, max_train: int | None = None, threads: int = 2) -> dict:
+    """Train the FeatureCNN classifier on the train split; writes ``out_dir/cnn``.
+
+    The returned summary includes the test-split accuracy (reported, never used for selection).
+    """
+    from factory.data import load_real
+
+    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    batch_size = batch_size or recipe["cnn_batch"]
+    lr = lr or recipe["cnn_lr"]
+    gen = _setup(seed, threads)
+    real, x, y = _real(dataset, max_train, gen)
+    cnn = FeatureCNN(in_channels=x.shape[1], num_classes=real.num_classes, image_size=real.size,
+                     **(cnn_kwargs or recipe["cnn"])).train()
+    opt = torch.optim.AdamW(cnn.parameters(), lr=lr, weight_decay=5e-4)
+    per_epoch = math.ceil(len(x) / batch_size)
+    total = epochs * per_epoch
+    print(f"[cnn:{dataset}] {sum(p.numel() for p in cnn.parameters()) / 1e6:.2f}M params, "
+          f"{len(x)} train images, {epochs} epochs", flush=True)
+    t0, c0, step = time.time(), time.process_time(), 0
+    for epoch in range(epochs):
+        cnn.train()
+        perm = torch.randperm(len(x), generator=gen)
+        tot_loss = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            xb = _augment(x[idx], gen) if augment else x[idx]
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, lr, warmup=min(100, total // 10 + 1))
+            loss = F.cross_entropy(cnn.classify(xb), y[idx], label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += loss.item() * len(idx)
+            step += 1
+        if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
+            print(f"[cnn:{dataset}] epoch {epoch + 1}/{epochs} loss {tot_loss / len(x):.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    cnn.eval()
+    test = load_real(dataset, "test")
+    test_acc = accuracy(cnn, torch.from_numpy(test.to_float()), torch.from_numpy(test.labels))
+    train_acc = accuracy(cnn, x, y)
+    print(f"[cnn:{dataset}] train acc {train_acc:.4f}, test acc {test_acc:.4f}", flush=True)
+    cnn.save(Path(out_dir) / "cnn")
+    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
+            "train_images": len(x), "train_acc": round(train_acc, 4), "test_acc": round(test_acc, 4),
+            "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+
+
+def train_embedded(dataset: str, out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, quick: bool = False,
+                   threads: int = 2) -> dict:
+    """Train UNet + scheduler + FeatureCNN for ``dataset`` into ``out_dir/<dataset>/``.
+
+    ``quick`` shrinks the run (steps/epochs/train set) for smoke tests. Writes training.json.
+    """
+    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    steps, epochs, max_train = recipe["unet_steps"], recipe["cnn_epochs"], recipe["max_train"]
+    if quick:
+        steps, epochs, max_train = max(20, steps // 100), 1, min(max_train or 2000, 2000)
+    folder = Path(out_dir) / dataset
+    cnn = train_cnn(dataset, folder, epochs, seed, max_train=max_train, threads=threads)
+    unet = train_unet(dataset, folder, steps, seed, max_train=max_train, threads=threads)
+    summary = {"dataset": dataset, "seed": seed, "quick": quick, "torch": torch.__version__,
+               "unet": unet, "cnn": cnn}
+    (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the embedded backbone + feature CNN checkpoints.")
+    ap.add_argument("dataset", choices=sorted(RECIPES))
+    ap.add_argument("--out", default=str(WEIGHTS_DIR))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)")
+    args = ap.parse_args(argv)
+    print(json.dumps(train_embedded(args.dataset, args.out, args.seed, args.quick, args.threads), indent=2))
+
+
+if __name__ == "__main__":
+    main()
