@@ -1,0 +1,88 @@
+"""``factory bench`` at the tiny size: one sane JSON line per backbone, FLOPs that follow the configuration."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from factory.bench import BACKBONES, add_arguments, peak_tflops, run_bench
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _bench(capsys, *argv):
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--size", "tiny", "--batch", "2", "--steps", "3", "--warmup", "0", *argv])
+    out = run_bench(args)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line) == out  # exactly one JSON line, the returned dict
+    return out
+
+
+@pytest.mark.parametrize("backbone,guidance", [("tiny", "chamfer"), ("sd15", "ot"), ("sd35m", "chamfer"),
+                                               ("dit-xl-2", "none")])
+def test_tiny_bench_of_every_backbone(capsys, backbone, guidance):
+    assert backbone in BACKBONES
+    out = _bench(capsys, "--backbone", backbone, "--guidance", guidance, "--every", "1")
+    assert out["backbone"] == backbone and out["size"] == "tiny" and out["batch"] == 2 and out["steps"] == 3
+    assert out["img_per_s"] > 0 and out["sec_per_img"] == pytest.approx(1 / out["img_per_s"], rel=1e-3)
+    assert out["tflops_per_img"] > 0
+    parts = out["tflops_per_img_by_part"]
+    assert sum(parts.values()) == pytest.approx(out["tflops_per_img"], rel=1e-2)
+    assert parts["denoiser_fwd"] > 0
+    if guidance == "none":
+        assert out["guided_steps"] == 0 and "features_fwd" not in parts
+    else:
+        assert out["guided_steps"] >= 1 and parts["backward_and_energy"] > 0
+    assert out["device"].startswith("cpu") and "mfu" not in out
+    assert out["dtype"] == "fp32"
+
+
+def test_flops_follow_the_configuration(capsys):
+    base = _bench(capsys, "--backbone", "dit-xl-2", "--cfg-scale", "1")
+    cfg = _bench(capsys, "--backbone", "dit-xl-2", "--cfg-scale", "2")
+    longer = _bench(capsys, "--backbone", "dit-xl-2", "--cfg-scale", "1", "--steps", "6")
+    d = lambda r: r["tflops_per_img_by_part"]["denoiser_fwd"]  # noqa: E731
+    assert d(cfg) == pytest.approx(2 * d(base), rel=1e-3)
+    assert d(longer) == pytest.approx(2 * d(base), rel=1e-3)
+    # guiding through x0 only skips the denoiser's backward; the tiny decoder is cheaper than the VAE
+    model = _bench(capsys, "--backbone", "sd15", "--guidance", "chamfer", "--grad-through", "model")
+    x0 = _bench(capsys, "--backbone", "sd15", "--guidance", "chamfer", "--grad-through", "x0")
+    taesd = _bench(capsys, "--backbone", "sd15", "--guidance", "chamfer", "--guidance-decoder", "tiny")
+    b = lambda r: r["tflops_per_img_by_part"]["backward_and_energy"]  # noqa: E731
+    assert b(x0) < b(model)
+    assert taesd["tflops_per_img_by_part"]["guide_decode_fwd"] < model["tflops_per_img_by_part"]["guide_decode_fwd"]
+    assert taesd["tflops_per_img_by_part"]["final_decode"] == model["tflops_per_img_by_part"]["final_decode"]
+
+
+def test_ot_guides_in_the_dmgd_window(capsys):
+    out = _bench(capsys, "--backbone", "tiny", "--guidance", "ot", "--steps", "10")
+    assert out["guided_steps"] == 4  # i / steps in [0.1, 0.4] = t / T in [0.6, 0.9]: i = 1..4 of 10
+
+
+def test_peaks():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Tesla T4") is None
+
+
+def test_flops_only_counts_the_same_flops_on_the_meta_device(capsys):
+    argv = ("--backbone", "sd35m", "--guidance", "chamfer", "--every", "1")
+    real = _bench(capsys, *argv)
+    meta = _bench(capsys, *argv, "--flops-only")
+    assert meta["device"].startswith("meta") and meta["img_per_s"] is None and "mfu" not in meta
+    for part in ("denoiser_fwd", "final_decode", "guide_decode_fwd", "features_fwd"):
+        assert meta["tflops_per_img_by_part"][part] == pytest.approx(real["tflops_per_img_by_part"][part], rel=1e-3)
+    # backward: CPU flash attention counts its recompute (2.5x forward, like CUDA's), meta's math path does not
+    assert meta["tflops_per_img"] == pytest.approx(real["tflops_per_img"], rel=0.1)
+    ot = _bench(capsys, "--backbone", "dit-xl-2", "--guidance", "ot", "--steps", "10", "--flops-only")
+    assert ot["guided_steps"] == 4 and ot["tflops_per_img_by_part"]["backward_and_energy"] > 0
