@@ -60,7 +60,7 @@ def test_shards_read_back_with_stock_libraries(first_run, tmp_path):
     assert table.num_rows == 6 and set(table.column("label").to_pylist()) == {4}
     assert table.column("key").to_pylist()[0] == "cfg_c00004_0000006"
     samples = list(wds.WebDataset(f"{out}/cfg/webdataset/c00004-s00001.tar", shardshuffle=False)
-                   .decode("pil").to_tuple("png", "cls", "json"))
+                   .decode("pill").to_tuple("png", "cls", "json"))  # "pill": mode L
     assert len(samples) == 6
     img, cls, meta = samples[0]
     assert img.size == (8, 8) and img.mode == "L" and cls == 4 and meta["class_name"] == "4"
