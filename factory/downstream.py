@@ -1,0 +1,293 @@
+"""Downstream classifier: a torchvision ResNet trained on Ray Train, judged on the real test split.
+
+The training set is synthetic (the factory's Parquet shards), real (a ``RealSet``) or both ("mixed"); it
+becomes one Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows that Ray Train splits
+across its workers. Each epoch ends with ``ray.train.report`` and a checkpoint (model, optimizer, epoch,
+history) under ``<storage_path>/<name>``; a rerun with the same storage path and name resumes from the
+latest checkpoint (Ray Train V2 reloads the run's snapshot and ``ray.train.get_checkpoint()`` hands it
+to the workers), and a run that already reached its epochs is read back without training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factory.config import DownstreamConfig
+from factory.data import RealSet, decode_image
+
+RESNETS = ("resnet18", "resnet34", "resnet50")
+CHECKPOINT_FILE = "state.pt"
+BLOCK_BYTES = 16 << 20  # bytes of real images per Ray Data block
+
+
+def resnet(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A torchvision ResNet with its stem fitted to the input: CIFAR-style (3x3, no maxpool) up to 32 px."""
+    import torchvision
+
+    if name not in RESNETS:
+        raise ValueError(f"unknown downstream model {name!r}; expected one of {', '.join(RESNETS)}")
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if image_size <= 32:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def decode_png(batch: dict, mode: str, size: tuple[int, int]) -> dict:
+    """``map_batches`` step: PNG bytes -> uint8 arrays (B, H, W[, 3]) in the test set's mode and size."""
+    images = []
+    for data in batch["image"]:
+        img = decode_image(data, "downstream training shard").convert(mode)
+        if img.size != (size[1], size[0]):
+            raise ValueError(f"a synthetic image is {img.size[0]}x{img.size[1]}, the real test images are "
+                             f"{size[1]}x{size[0]}")
+        images.append(np.asarray(img, dtype=np.uint8))
+    return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
+
+
+def _parquet_dataset(paths: list[str], mode: str, size: tuple[int, int]):
+    import fsspec
+    import ray
+    from fsspec.implementations.local import LocalFileSystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = fsspec.core.url_to_fs(paths[0])
+    kwargs = {}
+    if not isinstance(fs, LocalFileSystem):  # any fsspec URI: hand pyarrow the fsspec filesystem
+        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(fs))
+    paths = [fsspec.core.url_to_fs(p)[1] for p in paths]
+    ds = ray.data.read_parquet(paths, columns=["image", "label"], **kwargs)
+    return ds.map_batches(decode_png, fn_kwargs={"mode": mode, "size": size}, batch_format="numpy", batch_size=256)
+
+
+def _real_dataset(real: RealSet):
+    import ray
+
+    blocks = max(1, math.ceil(real.images.nbytes / BLOCK_BYTES))  # from_items alone makes 200 tiny blocks
+    rows = [{"image": im, "label": int(y)} for im, y in zip(real.images, real.labels)]
+    return ray.data.from_items(rows, override_num_blocks=blocks)
+
+
+def build_dataset(train_parquet: list[str] | None, real_train: RealSet | None, test: RealSet, seed: int = 0):
+    """The training Ray Dataset (materialized), its mode ("synthetic" | "real" | "mixed") and its size.
+
+    Decoding runs here, before the workers start: the uint8 images of a classifier's training set fit the
+    object store, and the epochs then need no CPU beyond the workers' own (a Ray Data task left to run
+    beside workers that hold every CPU waits forever). The rows are shuffled once here (seeded: a shard
+    holds one class, and each worker must see every class), and the workers' local shuffle buffers mix
+    them further each epoch.
+    """
+    parts, n = [], 0
+    if train_parquet:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        for p in train_parquet:
+            fs, path = fsspec.core.url_to_fs(p)
+            with fs.open(path, "rb") as f:
+                n += pq.ParquetFile(f).metadata.num_rows
+        parts.append(_parquet_dataset(list(train_parquet), test.mode, test.size))
+    if real_train is not None:
+        if real_train.mode != test.mode or real_train.size != test.size:
+            raise ValueError("real training and test images differ in mode or size")
+        n += len(real_train.labels)
+        parts.append(_real_dataset(real_train))
+    if not parts:
+        raise ValueError("downstream training needs train_parquet, real_train or both")
+    mode = "mixed" if len(parts) == 2 else ("synthetic" if train_parquet else "real")
+    ds = parts[0].union(parts[1]) if len(parts) == 2 else parts[0]
+    return ds.random_shuffle(seed=seed).materialize(), mode, n
+
+
+# --- training loop (runs on every Ray Train worker) ------------------------------------------------
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W[, 3]) -> float32 (B, C, H, W) in [-1, 1], like ``RealSet.to_float``."""
+    x = images.float() / 127.5 - 1.0
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the reflect-padded batch back to its size."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+
+
+def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, rank: int, world: int,
+              device: torch.device) -> float:
+    """Test accuracy, the test set split across the workers and the counts summed."""
+    import torch.distributed as dist
+
+    distributed = world > 1 and dist.is_initialized()
+    if distributed:  # every worker judges rank 0's BatchNorm statistics
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        idx = np.arange(rank, len(labels), world)
+        for s in range(0, len(idx), 512):
+            j = idx[s:s + 512]
+            x = torch.from_numpy(images[j]).to(device)
+            correct[0] += (model(x).argmax(1).cpu() == torch.from_numpy(labels[j])).sum().item()
+            correct[1] += len(j)
+    if distributed:
+        dist.all_reduce(correct)
+    return float(correct[0] / correct[1])
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker loop: resume from the latest checkpoint, train, evaluate, report each epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config["use_gpu"]:
+        torch.set_num_threads(1)
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator()
+
+    net = resnet(config["model"], config["num_classes"], config["in_channels"], config["image_size"])
+    model = ray.train.torch.prepare_model(net)
+    device = ray.train.torch.get_device()
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"], state["history"]
+
+    epochs, batch_size = config["epochs"], config["batch_size"]
+    steps = max(1, config["train_images"] // world // batch_size)  # per epoch and worker
+    pad = max(1, config["image_size"] // 8)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, epochs):
+        model.train()
+        gen.manual_seed(config["seed"] + rank + 1000 * epoch)  # augmentation: the same on a resumed run
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
+        batches = shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True,  # equal steps on every worker; BatchNorm needs > 1 image
+            local_shuffle_buffer_size=8 * batch_size,
+            local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
+        )
+        for i, batch in enumerate(batches):
+            t = min(1.0, (epoch + i / steps) / epochs)  # cosine schedule over the whole run
+            for group in opt.param_groups:
+                group["lr"] = config["lr"] * 0.5 * (1.0 + math.cos(math.pi * t))
+            x = _random_crop(to_float(batch["image"]), pad, gen)
+            y = batch["label"]
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum[0] += loss.item() * len(y)
+            loss_sum[1] += len(y)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(loss_sum)
+        accuracy = _evaluate(net, config["test_images"], config["test_labels"], rank, world, device)
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                        "test_accuracy": accuracy})
+        metrics = {"epoch": epoch + 1, "accuracy": accuracy, "history": history, "resumed_from": start,
+                   "train_images": config["train_images"], "mode": config["mode"]}
+        if rank == 0:  # every worker reports; rank 0 alone saves the (replicated) state
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                            "history": history}, os.path.join(d, CHECKPOINT_FILE))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+# --- driver ----------------------------------------------------------------------------------------
+
+
+def _finished(path: str, storage_filesystem, epochs: int) -> dict | None:
+    """The last reported metrics of the run at ``path`` when it already reached ``epochs``."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(path, storage_filesystem=storage_filesystem)
+    except RuntimeError:  # no run there yet, or no checkpoint reported
+        return None
+    metrics = result.metrics or {}
+    return metrics if metrics.get("epoch", 0) >= epochs else None
+
+
+def train_and_evaluate(
+    train_parquet: list[str] | None,
+    real_train: RealSet | None,
+    test: RealSet,
+    cfg: DownstreamConfig,
+    storage_path: str,
+    name: str,
+    seed: int = 0,
+    storage_filesystem=None,
+) -> dict:
+    """Train ``cfg.model`` on Ray Train under ``<storage_path>/<name>`` (resuming it), judge it on ``test``.
+
+    Returns ``{"accuracy", "epochs", "train_images", "mode", "history": [{"epoch", "loss", "test_accuracy"}],
+    "resumed_from", "epochs_trained"}``: ``resumed_from`` is the checkpoint epoch this call started from
+    (0 = a fresh run) and ``epochs_trained`` the epochs it ran. A run that already reached ``cfg.epochs``
+    is read back from storage without building a dataset or starting a worker (``epochs_trained`` = 0).
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if storage_filesystem is None and "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    done = _finished(f"{storage_path.rstrip('/')}/{name}", storage_filesystem, cfg.epochs)
+    if done is not None:
+        metrics, trained = {**done, "resumed_from": done["epoch"]}, 0
+    else:
+        ds, mode, n = build_dataset(train_parquet, real_train, test, seed)
+        config = {
+            "model": cfg.model, "num_classes": test.num_classes, "in_channels": 1 if test.mode == "L" else 3,
+            "image_size": max(test.size), "epochs": cfg.epochs, "lr": cfg.lr,
+            "batch_size": max(2, min(cfg.batch_size, n // cfg.num_workers)),  # a tiny set still trains
+            "use_gpu": cfg.use_gpu, "seed": seed, "train_images": n, "mode": mode,
+            "test_images": test.to_float(), "test_labels": test.labels,
+        }
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+            run_config=RunConfig(
+                storage_path=storage_path, name=name, storage_filesystem=storage_filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest: ~90 MB for a resnet18
+            ),
+            datasets={"train": ds},
+        )
+        metrics = trainer.fit().metrics
+        trained = metrics["epoch"] - metrics["resumed_from"]
+    return {
+        "accuracy": float(metrics["accuracy"]),
+        "epochs": int(metrics["epoch"]),
+        "train_images": int(metrics["train_images"]),
+        "mode": metrics["mode"],
+        "history": [dict(h) for h in metrics["history"]],
+        "resumed_from": int(metrics["resumed_from"]),
+        "epochs_trained": int(trained),
+    }
