@@ -2,6 +2,7 @@
 
     factory run CONFIG [--output URI] [--set dotted.key=value ...]
     factory plan CONFIG [--set ...]
+    factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
 """
 
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(fn=_cmd_plan)
+
+    from factory import bench
+
+    p = sub.add_parser("bench", help="throughput and FLOPs of one backbone / guidance configuration")
+    bench.add_arguments(p)
+    p.set_defaults(fn=lambda a: print(json.dumps(bench.run_bench(a))) or 0)
 
     p = sub.add_parser("train-embedded", help="train the embedded tiny UNet and feature CNN")
     p.add_argument("dataset", choices=["digits", "fashion_mnist"])

@@ -34,6 +34,21 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def build_backbone(cfg: Config, train):
+    """The configured backbone, producing images of the real set's size and mode, for its classes."""
+    options = dict(cfg.backbone.options)
+    if cfg.backbone.name != "tiny":
+        options.setdefault("mode", train.mode)
+        if cfg.backbone.name in ("sd15", "sd35m") or "class_ids" not in options:
+            options.setdefault("class_names", list(train.class_names))
+    return load_backbone(cfg.backbone.name, cfg.backbone.checkpoint, train.size, **options)
+
+
+def build_features(cfg: Config):
+    checkpoint = cfg.features.checkpoint if cfg.features.name == "cnn" else (cfg.features.checkpoint or None)
+    return load_features(cfg.features.name, checkpoint, **cfg.features.options)
+
+
 @torch.no_grad()
 def embed(features, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     return torch.cat([features(images[i: i + batch]) for i in range(0, len(images), batch)])
@@ -45,8 +60,8 @@ class SyntheticProducer:
         torch.set_num_threads(self.cfg.executor.torch_threads)
         data = self.cfg.data
         self.train = load_real(data.source, "train", data.root)
-        self.backbone = load_backbone(self.cfg.backbone.name, self.cfg.backbone.checkpoint, self.train.size)
-        self.features = load_features(self.cfg.features.name, self.cfg.features.checkpoint)
+        self.backbone = build_backbone(self.cfg, self.train)
+        self.features = build_features(self.cfg)
         self._train_features: torch.Tensor | None = None
         self._guidance: dict = {}  # per (recipe, class, shard) energies; per recipe discriminators
 

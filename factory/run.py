@@ -86,11 +86,10 @@ def _as_float(images: np.ndarray) -> torch.Tensor:
 def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet) -> dict:
     """metrics.json content: recipe -> counts per class and PRDC / F1 / FD / hardness vs the test split."""
     from factory import metrics
-    from factory.backbones import load_features
-    from factory.generate import embed
+    from factory.generate import build_features, embed
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    features = load_features(cfg.features.name, cfg.features.checkpoint)
+    features = build_features(cfg)
     keep = np.isin(test.labels, plan.labels)
     test_feats = embed(features, _as_float(test.images[keep]))
     test_labels = torch.from_numpy(test.labels[keep])
