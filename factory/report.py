@@ -14,7 +14,8 @@ from factory.data import decode_image
 from factory.plan import Plan
 from factory.shards import ShardSink
 
-METRIC_COLUMNS = ["num_images", "precision", "recall", "density", "coverage", "f1_pc", "fd", "hardness_mean"]
+METRIC_COLUMNS = ["num_images", "precision", "recall", "density", "coverage", "f1_pc", "fd", "hardness_mean",
+                  "downstream"]
 
 
 def _png_data_uri(array: np.ndarray) -> str:
@@ -42,6 +43,8 @@ def sample_grid(sink: ShardSink, plan: Plan, recipe: str, per_class: int = 12, c
 
 
 def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return "<br>".join(f"{html.escape(str(k))}: {_fmt(x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.4g}"
     return html.escape(str(v))
@@ -69,7 +72,8 @@ figure{{display:inline-block;margin:1em}}img{{image-rendering:pixelated}}pre{{ba
 <h1>Synthetic data report</h1>
 <p>Metrics of each recipe's synthetic set against the real test split, in the evaluation feature space
 (k-NN precision / recall / density / coverage after Naeem et al. 2020; F1 of precision and coverage;
-Fréchet distance; mean class-Gaussian hardness). The row <em>real</em> is the real train split, for reference.</p>
+Fréchet distance; mean class-Gaussian hardness), and the real test accuracy of a ResNet trained on each set
+(<em>downstream</em>, by training mode). The row <em>real</em> is the real train split, for reference.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Samples</h2>{grid_html}
 <h2>Provenance</h2><pre>{prov}</pre>

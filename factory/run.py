@@ -110,6 +110,31 @@ def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test
     return out
 
 
+def downstream_accuracy(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet,
+                        metrics: dict) -> None:
+    """Train the downstream classifier per recipe and mode on Ray Train; accuracies go into ``metrics``."""
+    import os
+
+    from factory.downstream import train_and_evaluate
+
+    storage = f"{sink.root}/_train"
+    if sink.local:
+        storage = os.path.abspath(storage)
+    else:
+        storage = sink.fs.unstrip_protocol(storage)
+    runs = []
+    if "real" in cfg.downstream.train_on:
+        runs.append(("real", "real", None, train))
+    for rp in plan.recipes:
+        files = [sink.fs.unstrip_protocol(f) if not sink.local else f for f in sink.shard_files(rp.recipe, "parquet")]
+        for mode in cfg.downstream.train_on:
+            if mode != "real":
+                runs.append((rp.recipe, mode, files, train if mode == "mixed" else None))
+    for name, mode, files, real in runs:
+        result = train_and_evaluate(files, real, test, cfg.downstream, storage, f"{name}-{mode}", seed=cfg.seed)
+        metrics[name].setdefault("downstream", {})[mode] = round(float(result["accuracy"]), 4)
+
+
 def provenance(cfg: Config, output: str, wall: dict) -> dict:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -157,7 +182,11 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
         raise ShardError(f"{type(cause).__name__}: {cause} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
     metrics = score_recipes(cfg, sink, plan, train, test)
-    wall = {"sampling": round(t_score - t_sample, 2), "scoring": round(time.perf_counter() - t_score, 2)}
+    t_train = time.perf_counter()
+    if cfg.downstream.enabled:
+        downstream_accuracy(cfg, sink, plan, train, test, metrics)
+    wall = {"sampling": round(t_score - t_sample, 2), "scoring": round(t_train - t_score, 2),
+            "downstream": round(time.perf_counter() - t_train, 2)}
     wall["total"] = round(time.perf_counter() - t_start, 2)
     prov = provenance(cfg, output, wall)
     prov["shards"] = {"planned": len(plan), "made": made, "already_complete": len(plan) - len(pending)}
