@@ -1,6 +1,7 @@
 """The ``factory`` command line.
 
     factory run CONFIG [--output URI] [--set dotted.key=value ...]
+    factory eval {parquet,webdataset,imagefolder} ROOT [--real digits] [--features cnn] [--k 5]
     factory plan CONFIG [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
@@ -26,6 +27,15 @@ def _cmd_run(args) -> int:
     metrics = run(cfg, output, progress=not args.quiet)
     print(json.dumps({"output": output, "wall_seconds": round(time.perf_counter() - t0, 1), "metrics": metrics},
                      indent=1, sort_keys=True))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from factory.run import evaluate_dataset
+
+    result = evaluate_dataset(args.source, args.root, args.real, args.real_root, args.features,
+                              args.features_checkpoint, args.k)
+    print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 
@@ -60,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("eval", help="score an existing image set against a real set's test split")
+    p.add_argument("source", choices=["parquet", "webdataset", "imagefolder"], help="format of the set to score")
+    p.add_argument("root", help="folder or URI of the set, e.g. runs/digits/chamfer/parquet")
+    p.add_argument("--real", default="digits", help="real data source (digits, fashion_mnist, imagefolder, ...)")
+    p.add_argument("--real-root", help="folder or URI of the real set, where its source needs one")
+    p.add_argument("--features", default="cnn", help="feature space: cnn, dinov2, clip")
+    p.add_argument("--features-checkpoint", default="digits")
+    p.add_argument("--k", type=int, default=5)
+    p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("plan", help="print a run's shard plan")
     p.add_argument("config")

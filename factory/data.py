@@ -164,7 +164,7 @@ def _shard_files(root: str, suffix: str, split: str) -> tuple[fsspec.AbstractFil
         path = f"{path}/{split}"
     if fs.isfile(path):
         return fs, [path]
-    files = sorted(fs.glob(f"{path.rstrip('/')}/**{suffix}"))
+    files = sorted(fs.glob(f"{path.rstrip('/')}/**/*{suffix}"))
     if not files:
         raise DataError(f"no {suffix} files found under {root}")
     return fs, files

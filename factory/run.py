@@ -110,6 +110,39 @@ def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test
     return out
 
 
+def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | None = None,
+                     features_name: str = "cnn", features_checkpoint: str = "digits", k: int = 5) -> dict:
+    """Score any image set (our shards, an image folder, Parquet, WebDataset) against a real set's test split.
+
+    Class ids are matched by class name, so a set whose folders are named like the real classes works.
+    """
+    from factory import metrics
+    from factory.config import FeaturesConfig
+    from factory.data import DataError
+    from factory.generate import build_features, embed
+
+    cfg = Config(features=FeaturesConfig(name=features_name, checkpoint=features_checkpoint))
+    fake = load_real(source, "train", root)
+    train, test = load_real(real_source, "train", real_root), load_real(real_source, "test", real_root)
+    unknown = sorted(set(fake.class_names) - set(train.class_names))
+    if unknown:
+        raise DataError(f"{root}: classes {unknown} are not classes of {real_source!r}")
+    if fake.size != train.size:
+        raise DataError(f"{root}: images are {fake.size[1]}x{fake.size[0]}, the real set's are "
+                        f"{train.size[1]}x{train.size[0]}")
+    labels = np.asarray([train.class_names.index(fake.class_names[i]) for i in fake.labels], dtype=np.int64)
+    features = build_features(cfg)
+    train_feats = embed(features, _as_float(train.images))
+    gaussian = metrics.ClassGaussian(train_feats, torch.from_numpy(train.labels))
+    fake_feats = embed(features, _as_float(fake.images))
+    out = metrics.summary(embed(features, _as_float(test.images)), torch.from_numpy(test.labels), fake_feats,
+                          torch.from_numpy(labels), gaussian, k=k)
+    mem = metrics.memorisation(fake_feats, train_feats, top=8)
+    out["memorisation"] = {key: v for key, v in mem.items() if key != "closest"}
+    out["num_images"] = int(len(labels))
+    return out
+
+
 def downstream_accuracy(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet,
                         metrics: dict) -> None:
     """Train the downstream classifier per recipe and mode on Ray Train; accuracies go into ``metrics``."""

@@ -96,3 +96,16 @@ def test_bad_input_exits_nonzero_and_writes_nothing(local_ray, tmp_path, capsys,
     assert main(["run", _write(tmp_path, {**TINY, **change}), "--output", str(out), "--quiet"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_factory_eval_scores_written_shards_like_the_run(first_run, capsys):
+    _, out = first_run
+    expected = json.load(open(f"{out}/metrics.json"))["cfg"]
+    for source, folder in (("parquet", "parquet"), ("webdataset", "webdataset")):
+        assert main(["eval", source, f"{out}/cfg/{folder}"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["num_images"] == 120
+        for key in ("precision", "recall", "coverage", "fd"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert main(["eval", "imagefolder", f"{out}/nowhere"]) == 2
+    assert "not found" in capsys.readouterr().err
