@@ -1,0 +1,254 @@
+"""report.html: a hand-made run folder (real digits images in Parquet shards), the page's structure, its plots and
+a headless Chromium rendering of it."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from factory.config import from_dict
+from factory.data import load_real
+from factory.plan import Plan, RecipePlan
+from factory.report import (MAX_IMAGES, _best, plot_accuracy_vs_scale, plot_coverage_vs_k, recipe_families,
+                            sample_rows, write_report)
+from factory.shards import ShardSink
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+CONFIG = {
+    "name": "report-test",
+    "seed": 7,
+    "data": {"source": "digits"},
+    "backbone": {"name": "tiny", "checkpoint": "digits"},
+    "features": {"name": "cnn", "checkpoint": "digits"},
+    "output": {"formats": ["parquet"]},
+    "recipes": {
+        "cfg": {"cfg_scale": 2.0, "images_per_class": 12},
+        "cfg_x2": {"cfg_scale": 2.0, "images_per_class": 24},
+        "chamfer_k4": {"cfg_scale": 1.0, "images_per_class": 12,
+                       "energies": [{"name": "chamfer", "weight": 0.15, "every": 5, "params": {"k": 4}}]},
+        "chamfer_k32": {"cfg_scale": 1.0, "images_per_class": 12,
+                        "energies": [{"name": "chamfer", "weight": 0.15, "every": 5, "params": {"k": 32}}]},
+    },
+}
+
+
+# precision, recall, density, coverage, fd, hardness_mean (metrics.json is written by hand: scoring is tested
+# elsewhere, and this keeps the test fast)
+METRICS = {
+    "cfg": (0.91, 0.62, 1.08, 0.71, 3.2, -61.5),
+    "cfg_x2": (0.9, 0.7, 1.05, 0.8, 2.7, -61.1),
+    "chamfer_k4": (0.97, 0.41, 1.31, 0.52, 5.9, -70.3),
+    "chamfer_k32": (0.88, 0.75, 0.97, 0.86, 1.9, -58.4),
+    "real": (0.93, 0.94, 1.0, 0.95, 0.4, -60.2),
+}
+
+
+def _metrics(p, r, d, c, fd, h, per_class):
+    return {"precision": p, "recall": r, "density": d, "coverage": c, "f1_pc": 2 * p * c / (p + c), "fd": fd,
+            "hardness_mean": h, "real_hardness_mean": -59.8, "real_hardness_std": 6.1,
+            "num_images": 10 * per_class, "count_per_class": {str(i): per_class for i in range(10)}}
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(recipe: str, label: int, n: int, train, test, rng) -> list[np.ndarray]:
+    """chamfer_k4 copies train images (a memorisation case); the others are jittered test images."""
+    if recipe == "chamfer_k4":
+        return list(train.of_class(label)[:n])
+    pool = test.of_class(label)
+    pick = pool[rng.integers(0, len(pool), n)].astype(np.int16)
+    noise = rng.integers(-40, 41, pick.shape) if recipe != "chamfer_k32" else rng.integers(-10, 11, pick.shape)
+    return list(np.clip(pick + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report") / "run")
+    cfg = from_dict(CONFIG)
+    train, test = load_real("digits", "train"), load_real("digits", "test")
+    sink = ShardSink(out, ["parquet"])
+    rng = np.random.default_rng(0)
+    recipes = []
+    for name, r in cfg.recipes.items():
+        recipes.append(RecipePlan(name, r.images_per_class, r.images_per_class))
+        for label in range(10):
+            records = [{"key": f"{name}_c{label:05d}_{i:07d}", "image": _png(a), "label": label,
+                        "class_name": str(label), "seed": 1000 + label}
+                       for i, a in enumerate(_images(name, label, r.images_per_class, train, test, rng))]
+            sink.commit(name, f"c{label:05d}-s00000", records, {})
+    plan = Plan(recipes, list(range(10)), train.class_names, cfg.seed)
+    metrics = {name: _metrics(*values, cfg.recipes[name].images_per_class if name != "real" else 134)
+               for name, values in METRICS.items()}
+    metrics["cfg"]["downstream"] = {"synthetic": 0.71, "mixed": 0.93}
+    metrics["cfg_x2"]["downstream"] = {"synthetic": 0.8, "mixed": 0.95}
+    metrics["real"]["downstream"] = {"real": 0.96}
+    provenance = {"factory": "0.1.0", "code_revision": "0123456789abcdef0123456789abcdef01234567",
+                  "python": "3.11.2", "packages": {"torch": "2.0", "pyarrow": "14.0"},
+                  "config": cfg.to_dict(), "output": out,
+                  "wall_seconds": {"sampling": 12.5, "scoring": 1.25, "downstream": 30.0, "total": 44.0},
+                  "shards": {"planned": 40, "made": 40, "already_complete": 0}}
+    path = write_report(sink, plan, metrics, provenance)
+    return path, metrics, plan, provenance
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.ids, self.h2, self.links, self.classes, self.scripts = [], [], [], [], [], 0
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if "class" in a:
+            self.classes.append((tag, a["class"]))
+        for key in ("href", "src"):
+            if key in a:
+                self.links.append(a[key])
+        self.scripts += tag == "script"
+        self._in_h2 = tag == "h2"
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.h2.append(data.strip())
+            self._in_h2 = False
+
+
+def _parse(path) -> tuple[str, Page]:
+    text = open(path, encoding="utf-8").read()
+    page = Page()
+    page.feed(text)
+    return text, page
+
+
+def test_page_structure_and_images(run_dir):
+    path, _, plan, _ = run_dir
+    text, page = _parse(path)
+    assert page.h2 == ["Metrics", "Plots", "Nearest train neighbours", "Samples", "Provenance"]
+    assert {"metrics", "plots", "neighbours", "samples", "provenance"} <= set(page.ids)
+    assert "not available" not in text and page.scripts == 0
+    # self-contained: only in-page anchors and data: URIs
+    assert all(u.startswith(("#", "data:image/png;base64,")) for u in page.links)
+    outside_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
+    assert "http:" not in outside_data and "https:" not in outside_data and "url(" not in outside_data
+    for img in page.imgs:
+        data = base64.b64decode(img["src"].split(",", 1)[1], validate=True)
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 4 and im.size[1] > 4
+    alts = [img["alt"] for img in page.imgs]
+    for alt in ("coverage against k", "accuracy against scale", "hardness histograms"):
+        assert alts.count(alt) == 1
+    for r in plan.recipes:
+        assert f"samples of {r.recipe}" in alts
+    assert alts.count("synthetic") == alts.count("train neighbour") == 4 * len(plan.recipes)
+    # provenance
+    for s in ("0123456789abcdef0123456789abcdef01234567", "torch", "44.0 s", "already complete", "run seed",
+              "chamfer_k32", "images / class"):
+        assert s in text
+    assert "<table>" in text  # the metrics table (test_run checks for it)
+
+
+def test_metrics_best_highlight_and_legend(run_dir):
+    path, metrics, _, _ = run_dir
+    text, _ = _parse(path)
+    table = text.split("<table>", 1)[1].split("</table>", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r'<th scope="row">([\w-]+)</th>(.*?)</tr>', table)}
+    assert set(rows) == {"cfg", "cfg_x2", "chamfer_k4", "chamfer_k32"}
+    # coverage is the 5th value column: the best synthetic recipe's cell is highlighted, no other
+    synth = {n: metrics[n]["coverage"] for n in rows}
+    best = max(synth.values())
+    for n, row in rows.items():
+        cells = re.findall(r"<td( class=\"best\")?>(.*?)</td>", row)
+        assert (cells[4][0] != "") == (synth[n] == best), (n, cells[4])
+        assert cells[4][1] == f"{metrics[n]['coverage']:.3f}"
+    assert "accuracy<br>synthetic" in table and "95.0 %" in table
+    for word in ("fidelity", "Diversity", "Fréchet", "Harmonic mean", "↑", "↓"):
+        assert word.lower() in text.lower()
+
+
+def test_memorised_recipe_is_flagged(run_dir):
+    path, _, _, _ = run_dir
+    text, _ = _parse(path)
+    blocks = dict(re.findall(r'<div class="nn"><h3>([\w-]+)(.*?)</div></div>', text, re.S))
+    assert "possible copies" in blocks["chamfer_k4"]
+    assert blocks["chamfer_k4"].count('class="pair close"') == 4 and "d = 0.00" in blocks["chamfer_k4"]
+    assert "possible copies" not in blocks["cfg"]
+
+
+def test_missing_feature_checkpoint_degrades_to_a_note(run_dir, tmp_path):
+    path, metrics, plan, provenance = run_dir
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.dirname(path), out)
+    bad = from_dict({**CONFIG, "features": {"name": "cnn", "checkpoint": str(tmp_path / "no-such-checkpoint")}})
+    write_report(ShardSink(out, ["parquet"]), plan, metrics, {**provenance, "config": bad.to_dict()})
+    text, page = _parse(f"{out}/report.html")
+    assert text.count("the feature-space sections not available") == 2  # plots and neighbours say why
+    assert page.h2 == ["Metrics", "Plots", "Nearest train neighbours", "Samples", "Provenance"]
+    alts = [img["alt"] for img in page.imgs]
+    assert "coverage against k" in alts and "hardness histograms" not in alts and "synthetic" not in alts
+    assert sum(a.startswith("samples of ") for a in alts) == len(plan.recipes)
+
+
+def test_helpers():
+    cfg = from_dict(CONFIG)
+    assert recipe_families(cfg, list(cfg.recipes)) == [("cfg", ["cfg", "cfg_x2"]), ("chamfer_k4", ["chamfer_k4"]),
+                                                       ("chamfer_k32", ["chamfer_k32"])]
+    assert _best({"a": 0.9, "b": 1.2, "c": None}, "one") == {"a"}
+    assert _best({"a": 3.0, "b": 2.0}, "min") == {"b"} and _best({"a": 3.0}, "max") == set()
+    # one chamfer recipe, or no two scales in a family: the plots are left out
+    m = {n: {"coverage": 0.5, "downstream": {"synthetic": 0.5}} for n in cfg.recipes}
+    one = from_dict({**CONFIG, "recipes": {k: CONFIG["recipes"][k] for k in ("cfg", "chamfer_k4")}})
+    assert plot_coverage_vs_k(one, m, {}) is None
+    assert plot_accuracy_vs_scale(one, m, {"cfg": 1.0, "chamfer_k4": 1.0}, {}) is None
+    # read-back sampling: capped, deterministic, within the plan
+    plan = Plan([RecipePlan("big", 1000, 64)], list(range(10)), [str(i) for i in range(10)], 3)
+    rows = sample_rows(plan, "big")
+    assert sum(len(v) for v in rows.values()) == MAX_IMAGES
+    assert all(0 <= label < 10 and 0 <= s < 16 and v.max() < 64 for (label, s), v in rows.items())
+    assert all(len(v) <= 1000 - 64 * 15 for (label, s), v in rows.items() if s == 15)
+    again = sample_rows(plan, "big")
+    assert rows.keys() == again.keys() and all((rows[k] == again[k]).all() for k in rows)
+
+
+def _chromium(*args, tmp):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={tmp}/profile", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_renders_in_headless_chromium(run_dir, tmp_path):
+    path, _, _, _ = run_dir
+    shot = tmp_path / "shot.png"
+    r = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars",
+                  f"file://{os.path.abspath(path)}", tmp=tmp_path)
+    assert shot.exists(), r.stderr[-2000:]
+    im = np.asarray(Image.open(shot).convert("RGB"))
+    assert im.shape[:2] == (2400, 1280)
+    assert len(np.unique(im.reshape(-1, 3), axis=0)) > 50  # text, tables, plots: far from a single colour
+    # every image decodes in the browser: a copy of the page with a probe script that counts loaded images
+    probe = tmp_path / "probe.html"
+    probe.write_text(open(path, encoding="utf-8").read().replace("</body>", (
+        "<script>addEventListener('load',()=>{const i=[...document.images];document.body.dataset.probe="
+        "i.length+'/'+i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script></body>")), encoding="utf-8")
+    r = _chromium("--dump-dom", "--virtual-time-budget=10000", f"file://{probe}", tmp=tmp_path)
+    m = re.search(r'data-probe="(\d+)/(\d+)"', r.stdout)
+    assert m, r.stderr[-2000:]
+    assert int(m.group(1)) > 10 and m.group(1) == m.group(2)
