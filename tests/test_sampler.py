@@ -69,7 +69,7 @@ def test_energy_gradient_steers_the_batch(backbone):
     labels = torch.tensor([1, 1, 1, 1])
     base = sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(3), 8).images
     for through in ("model", "x0"):
-        g = Guidance(energy, weight=0.2, every=1, normalize="l2")
+        g = Guidance(energy, weight=1.0, every=1, normalize="l2")
         res = sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(3), 8, guidance=[g],
                      features=lambda x: x.flatten(1), grad_through=through)
         assert mean_energy(res.images) < 0.5 * mean_energy(base)
