@@ -6,6 +6,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models and problems run fastest, and least noisily, on one thread of a small shared CPU."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """A real local Ray with 2 CPUs, shared by every test that needs one."""

@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-from factory import embedded
-from factory.backbones import DiTBackbone, SD3Backbone, load_backbone, load_features, to_mode
+from factory.backbones import DiTBackbone, load_backbone, load_features, to_mode
 from factory.bench import build_components, build_features_model, save_pipeline
 from factory.guidance import ChamferEnergy, LowDensityEnergy, OTEnergy
 from factory.guidance.softlabel import soft_label_embedding
@@ -16,14 +15,6 @@ from factory.sampler import Guidance, predict_x0, sample
 NAMES = ["cat", "golden_retriever", "ship"]
 LATENT = ["sd15", "sd35m", "dit-xl-2"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box run fastest (and least noisily) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,9 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from factory.bench import BACKBONES, add_arguments, peak_tflops, run_bench
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _bench(capsys, *argv):

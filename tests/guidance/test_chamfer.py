@@ -9,14 +9,6 @@ from factory.guidance.chamfer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    # tiny problems: avoid intra-op thread oversubscription on small shared CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def brute_chamfer(X, Y, cw=1.0, fw=1.0):
     cov = 0.0

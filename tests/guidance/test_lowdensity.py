@@ -12,14 +12,6 @@ from factory.guidance.lowdensity import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    # tiny problems: avoid intra-op thread oversubscription on small shared CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _spd(d, seed):
     g = torch.Generator().manual_seed(seed)

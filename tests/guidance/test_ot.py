@@ -13,14 +13,6 @@ from factory.guidance.ot import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    # tiny problems: avoid intra-op thread oversubscription on small shared CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _blobs(n=300, d=4, seed=0):
     rng = np.random.default_rng(seed)
