@@ -37,13 +37,15 @@ RECIPES: dict[str, dict] = {
         "unet_steps": 4000, "unet_batch": 128, "unet_lr": 1e-3,
         "cnn": {"work_size": 16, "width": 32, "feat_dim": 64},
         "cnn_epochs": 60, "cnn_batch": 64, "cnn_lr": 2e-3, "max_train": None,
+        "cnn_aug": {"shift": 0.1, "rot_deg": 10.0, "scale": 0.1, "flip": False},
     },
     "fashion_mnist": {
         "sample_size": 28,
-        "unet": {"channels": (32, 64, 64), "layers_per_block": 1},
-        "unet_steps": 3000, "unet_batch": 64, "unet_lr": 1e-3,
+        "unet": {"channels": (16, 32, 64), "layers_per_block": 1, "attention": False},
+        "unet_steps": 2500, "unet_batch": 64, "unet_lr": 1e-3,
         "cnn": {"work_size": 28, "width": 32, "feat_dim": 128},
         "cnn_epochs": 4, "cnn_batch": 128, "cnn_lr": 2e-3, "max_train": None,
+        "cnn_aug": {"shift": 0.05, "rot_deg": 0.0, "scale": 0.0, "flip": True},
     },
 }
 DEFAULT_RECIPE = RECIPES["digits"]
@@ -258,9 +260,11 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
 def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *,
                batch_size: int | None = None, lr: float | None = None, p_uncond: float = 0.1,
                ema_decay: float = 0.999, sample_size=None, unet_kwargs: dict | None = None,
-               max_train: int | None = None, log_every: int = 250, threads: int = 2) -> dict:
+               max_train: int | None = None, log_every: int = 250, threads: int = 2,
+               init_from: str | Path | None = None) -> dict:
     """Train the class-conditional UNet (epsilon MSE, label dropout ``p_uncond`` to NULL, EMA weights).
 
+    ``init_from`` continues from an existing UNet checkpoint (its config wins over ``unet_kwargs``).
     Writes ``out_dir/unet`` (EMA weights) and ``out_dir/scheduler``; returns a summary dict.
     """
     from diffusers import DDPMScheduler
@@ -274,8 +278,14 @@ def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *,
     x = to_model_space(x, size).contiguous()
     num_classes = real.num_classes
 
-    config = tiny_unet_config(size, x.shape[1], num_classes, **(unet_kwargs or recipe["unet"]))
-    unet = build_unet(config).train()
+    if init_from is not None:
+        unet = load_unet(init_from).train()
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        if config["sample_size"] != size or config["num_class_embeds"] != num_classes + 1:
+            raise ValueError(f"checkpoint {init_from} does not fit {dataset} at sample_size {size}")
+    else:
+        config = tiny_unet_config(size, x.shape[1], num_classes, **(unet_kwargs or recipe["unet"]))
+        unet = build_unet(config).train()
     ema = build_unet(config).eval()
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -316,20 +326,22 @@ def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *,
     out_dir = Path(out_dir)
     ema.save_pretrained(str(out_dir / "unet"))
     sched.save_pretrained(str(out_dir / "scheduler"))
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "p_uncond": p_uncond, "ema_decay": ema_decay,
+    return {"steps": steps, "init_from": None if init_from is None else str(init_from),
+            "batch_size": batch_size, "lr": lr, "p_uncond": p_uncond, "ema_decay": ema_decay,
             "params": n_params, "train_images": len(x), "threads": threads,
             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, shift: float = 0.1, rot_deg: float = 10.0,
-             scale: float = 0.1) -> torch.Tensor:
-    """Small random affine jitter (background is -1, so pad with -1)."""
+             scale: float = 0.1, flip: bool = False) -> torch.Tensor:
+    """Small random affine jitter (+ optional horizontal flip); the background is -1, so pad with -1."""
     n = x.shape[0]
     ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(rot_deg)
     s = 1 + (torch.rand(n, generator=gen) * 2 - 1) * scale
     tx, ty = [(torch.rand(n, generator=gen) * 2 - 1) * shift * 2 for _ in range(2)]
+    sx = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
@@ -344,8 +356,10 @@ def accuracy(cnn: FeatureCNN, x: torch.Tensor, y: torch.Tensor, batch: int = 100
 
 def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
               batch_size: int | None = None, lr: float | None = None, cnn_kwargs: dict | None = None,
-              augment: bool = True, max_train: int | None = None, threads: int = 2) -> dict:
+              augment: bool | dict = True, max_train: int | None = None, threads: int = 2) -> dict:
     """Train the FeatureCNN classifier on the train split; writes ``out_dir/cnn``.
+
+    ``augment``: True = the dataset recipe's jitter, False = none, or a dict of :func:`_augment` kwargs.
 
     The returned summary includes the test-split accuracy (reported, never used for selection).
     """
@@ -354,6 +368,7 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
     recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
     batch_size = batch_size or recipe["cnn_batch"]
     lr = lr or recipe["cnn_lr"]
+    aug = recipe.get("cnn_aug", {}) if augment is True else (augment or None)
     gen = _setup(seed, threads)
     real, x, y = _real(dataset, max_train, gen)
     cnn = FeatureCNN(in_channels=x.shape[1], num_classes=real.num_classes, image_size=real.size,
@@ -370,7 +385,7 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
         tot_loss = 0.0
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
-            xb = _augment(x[idx], gen) if augment else x[idx]
+            xb = _augment(x[idx], gen, **aug) if aug is not None else x[idx]
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, lr, warmup=min(100, total // 10 + 1))
             loss = F.cross_entropy(cnn.classify(xb), y[idx], label_smoothing=0.05)
@@ -389,7 +404,7 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
     train_acc = accuracy(cnn, x, y)
     print(f"[cnn:{dataset}] train acc {train_acc:.4f}, test acc {test_acc:.4f}", flush=True)
     cnn.save(Path(out_dir) / "cnn")
-    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": augment,
+    return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": aug,
             "train_images": len(x), "train_acc": round(train_acc, 4), "test_acc": round(test_acc, 4),
             "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 

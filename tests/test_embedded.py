@@ -101,3 +101,22 @@ def test_packaged_digits_checkpoints():
     assert cnn(x[:4]).shape == (4, cnn.feat_dim)
     acc = E.accuracy(cnn, x, torch.from_numpy(test.labels))
     assert acc >= 0.95
+
+
+def test_training_is_deterministic_given_the_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name, seed):
+        out = tmp_path / name
+        E.train_unet("digits", out, steps=3, seed=seed, batch_size=8, log_every=100,
+                     unet_kwargs={"channels": (8, 16), "layers_per_block": 1, "attention": False})
+        E.train_cnn("digits", out, epochs=1, seed=seed, batch_size=32, max_train=64,
+                    cnn_kwargs={"work_size": 8, "width": 8, "feat_dim": 16})
+        return (load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")),
+                load_file(str(out / "cnn" / "model.safetensors")))
+
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    for part in range(2):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+        assert not all(torch.equal(a[part][k], c[part][k]) for k in a[part])
+    assert E.load_unet(tmp_path / "a").config.num_class_embeds == 11
