@@ -12,7 +12,9 @@ classifier-free guidance. It works at ``config["sample_size"]``, which may diffe
 size: use :func:`to_model_space` / :func:`to_real_size` to convert. Everything is trained on the
 train split only (``load_real(dataset, "train")``) and is deterministic given the seed.
 
-Train with ``python -m factory.embedded digits`` (writes ``factory/weights/digits``).
+Train with ``python -m factory.embedded digits`` (writes ``factory/weights/digits``); each folder's
+training.json records exactly how its shipped checkpoints were made (the Fashion-MNIST UNet was
+continued for a second phase with ``train_unet(..., init_from=...)``).
 """
 
 from __future__ import annotations

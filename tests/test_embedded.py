@@ -120,3 +120,15 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
         assert not all(torch.equal(a[part][k], c[part][k]) for k in a[part])
     assert E.load_unet(tmp_path / "a").config.num_class_embeds == 11
+
+
+def test_packaged_fashion_mnist_checkpoints():
+    if not (E.WEIGHTS_DIR / "fashion_mnist" / "unet").is_dir():
+        pytest.skip("no packaged fashion_mnist checkpoints")
+    unet, cnn = E.load_unet("fashion_mnist"), E.load_cnn("fashion_mnist")
+    assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 28
+    assert E.load_scheduler("fashion_mnist").config.prediction_type == "epsilon"
+    test = load_real("fashion_mnist", "test")
+    x, y = torch.from_numpy(test.to_float()[:2000]), torch.from_numpy(test.labels[:2000])
+    assert cnn(x[:2]).shape == (2, 128)
+    assert E.accuracy(cnn, x, y) >= 0.85
