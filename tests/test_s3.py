@@ -31,7 +31,7 @@ def s3(local_ray_env):
     port = local_ray_env
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("factory-test")
     yield server, port
     server.stop()
@@ -73,7 +73,7 @@ def test_shards_land_on_s3_and_rerun_skips(s3, local_ray):
     plan, sink = _plan(), ShardSink(out, ["parquet", "webdataset"])
     list(run_shards(plan, pending_shards(plan, sink), SlowProducer, out, sink.formats, (1, 2)))
     assert pending_shards(plan, sink) == []
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     files = sorted(fs.glob("factory-test/run1/a/parquet/*.parquet"))
     assert len(files) == len(plan)
     table = pq.read_table(files[0], filesystem=fs)
@@ -101,7 +101,7 @@ def test_endpoint_restart_mid_run_is_retried(s3, local_ray):
     rows = list(run_shards(plan, pending_shards(plan, sink), SlowProducer, out, sink.formats, (1, 2)))
     t.join()
     assert sorted(r["shard_id"] for r in rows) == list(range(len(plan)))
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.invalidate_cache()
     files = sorted(fs.glob("factory-test/run2/**"))
     assert all(f.endswith((".parquet", ".json")) for f in files if fs.isfile(f))

@@ -41,6 +41,11 @@ def _wait(cond, timeout, what):
 @pytest.fixture
 def cluster(tmp_path):
     s3_port, gcs_port, dash_port = _free_port(), _free_port(), _free_port()
+    # Every port of the head's own: the default agent / metrics ports may be held by another local Ray
+    # (the test session's own), and a head whose agent cannot bind answers "No available agent".
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
     server.start()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -52,7 +57,7 @@ def cluster(tmp_path):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash_port}", f"--temp-dir={ray_tmp}"],
+         f"--dashboard-port={dash_port}", f"--temp-dir={ray_tmp}", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
@@ -63,7 +68,7 @@ def cluster(tmp_path):
         old = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
         os.environ.update({k: env[k] for k in old})
         _wait(up, 120, "the head node's job server did not come up")
-        s3fs.S3FileSystem().mkdir("factory-jobs")
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("factory-jobs")
         yield address, env, ray_bin
     finally:
         os.killpg(head.pid, signal.SIGKILL)
@@ -87,17 +92,22 @@ def test_ray_job_submit_lands_the_run_on_s3(cluster, tmp_path):
         "executor": {"num_actors": [1, 1]},
         "recipes": {"cfg": {"images_per_class": 12}},
     }))
-    submit = subprocess.run(
-        [ray_bin, "job", "submit", "--address", address, "--submission-id", "factory-digits",
-         "--working-dir", str(workdir), "--", "factory", "run", "tiny.yaml", "--output", "s3://factory-jobs/run",
-         "--quiet"], env=env, capture_output=True, text=True, timeout=600)
-    logs = submit.stdout + submit.stderr
-    status = subprocess.run([ray_bin, "job", "status", "--address", address, "factory-digits"], env=env,
+    for attempt in range(20):  # the head's job agent may come up a little after its job server
+        job_id = f"factory-digits-{attempt}"
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--submission-id", job_id,
+             "--working-dir", str(workdir), "--", "factory", "run", "tiny.yaml", "--output",
+             "s3://factory-jobs/run", "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+        logs = submit.stdout + submit.stderr
+        if "No available agent" not in logs:
+            break
+        time.sleep(3)
+    status = subprocess.run([ray_bin, "job", "status", "--address", address, job_id], env=env,
                             capture_output=True, text=True)
     status = status.stdout + status.stderr
     assert submit.returncode == 0 and "succeeded" in status.lower(), logs[-3000:]
     assert '"output": "s3://factory-jobs/run"' in logs
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.invalidate_cache()
     assert len(fs.glob("factory-jobs/run/cfg/parquet/*.parquet")) == 4
     assert len(fs.glob("factory-jobs/run/cfg/_stats/*.json")) == 4
