@@ -38,6 +38,8 @@ checkpoint may be such a folder or a hub id. Options common to the latent backbo
 - ``scheduler``: sd15/dit-xl-2: "ddim" (default: DDIMScheduler.from_config of the folder's; the
   sampler passes ``eta``, which DDPM/PNDM's step() rejects) | "native"; sd35m: "native"
 - ``variant``: a weights variant for ``from_pretrained`` ("fp16", ...)
+- ``lora`` (every backbone, ``tiny`` too): a peft LoRA adapter folder or URI, as Real-Fake fine-tuning
+  (factory/realfake.py) writes; merged into the denoiser's weights at load
 - ``class_names``: sd15/sd35m (required): the prompt of class i is built from class_names[i];
   dit-xl-2: mapped to ImageNet ids (see class_ids)
 - ``prompt_template``: sd15/sd35m: default "a photo of a {class_name}" (underscores become spaces)
@@ -690,14 +692,21 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
 
     ``real_size`` is the real set's (H, W) (or (C, H, W)); see the module docstring for ``options``.
     """
+    options = dict(options)
+    lora = options.pop("lora", None)
     if name == "tiny":
-        options = dict(options)
         options.pop("mode", None)  # the tiny UNet already works in the real set's channels
         _no_more(options, "tiny")
-        return TinyBackbone(embedded.load_unet(checkpoint), embedded.load_scheduler(checkpoint), real_size[-2:])
-    if name in LATENT_BACKBONES:
-        return LATENT_BACKBONES[name].from_pretrained(checkpoint, real_size, **options)
-    raise ValueError(f"unknown backbone {name!r}; expected one of tiny, {', '.join(LATENT_BACKBONES)}")
+        backbone = TinyBackbone(embedded.load_unet(checkpoint), embedded.load_scheduler(checkpoint), real_size[-2:])
+    elif name in LATENT_BACKBONES:
+        backbone = LATENT_BACKBONES[name].from_pretrained(checkpoint, real_size, **options)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; expected one of tiny, {', '.join(LATENT_BACKBONES)}")
+    if lora:  # a Real-Fake LoRA adapter folder (factory/realfake.py), merged into the denoiser's weights
+        from factory.realfake import load_adapter
+
+        load_adapter(backbone.modules()["denoiser"], str(lora))
+    return backbone
 
 
 # ----------------------------------------------------------------------------- feature spaces

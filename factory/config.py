@@ -25,6 +25,10 @@ class DataConfig:
     source: str = "digits"  # digits | fashion_mnist | imagefolder | parquet | webdataset
     root: str | None = None  # folder or URI for imagefolder / parquet / webdataset
     classes: list[str] | None = None  # class names to produce; None = all
+    # Declared sizes of the real set, for planning only: with them `factory plan` sizes a run without reading
+    # the data (an ImageNet train split need not be read to plan a run). A run counts what it reads.
+    num_classes: int | None = None  # classes of the real set (all of them, not only data.classes)
+    train_size: int | None = None  # images in its train split (what a recipe's scale multiplies)
 
 
 @dataclass
@@ -61,6 +65,24 @@ class EnergyConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Real-Fake (paper 002): LoRA fine-tuning of the denoiser on the train split, on Ray Train, before a
+    recipe's shards are made; loss L_simple + mmd_weight * L_MMD (Eq. 21). See factory/realfake.py."""
+
+    rank: int = 4  # LoRA rank
+    alpha: float | None = None  # LoRA alpha; None = rank (scale 1)
+    target_modules: list[str] | None = None  # None = the attention projections (the ResNet convs if none)
+    mmd_weight: float = 0.05  # gamma
+    steps: int = 200  # optimizer steps
+    lr: float = 1e-4
+    batch_size: int = 32  # images per worker and step
+    p_uncond: float = 0.1  # condition dropped to the null condition, so CFG keeps working
+    num_workers: int = 2  # Ray Train workers
+    use_gpu: bool = False
+    checkpoint_every: int = 50  # steps between Ray Train checkpoints (resume points)
+
+
+@dataclass
 class RecipeConfig:
     cfg_scale: float = 2.0  # omega; 1.0 = CFG-free (no unconditional pass)
     scale: float = 1.0  # images per class = ceil(scale * train size / classes)
@@ -70,6 +92,7 @@ class RecipeConfig:
     progressive_batch: int = 0  # greedy progressive matching: sub-batch size within a shard; 0 = off
     init_strength: float = 1.0  # < 1: latent prior, a real train image of the class noised to this strength
     grad_through: str = "model"  # model | x0: backpropagate through the denoiser, or x̂₀ only
+    finetune: FinetuneConfig | None = None  # Real-Fake LoRA fine-tuning before sampling; None = off
 
 
 @dataclass
@@ -196,6 +219,12 @@ def _check(cfg: Config) -> None:
     _one_of(cfg.data.source, DATA_SOURCES, "data.source")
     _one_of(cfg.backbone.name, BACKBONES, "backbone.name")
     _one_of(cfg.features.name, FEATURE_SPACES, "features.name")
+    for key in ("num_classes", "train_size"):
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
+    if cfg.data.classes is not None and cfg.data.num_classes is not None and len(cfg.data.classes) > cfg.data.num_classes:
+        raise ConfigError(f"data.classes: {len(cfg.data.classes)} classes listed, more than "
+                          f"data.num_classes = {cfg.data.num_classes}")
     if cfg.sampling.steps < 1:
         raise ConfigError(f"sampling.steps: must be >= 1, got {cfg.sampling.steps}")
     if cfg.sampling.shard_size < 1:
@@ -232,6 +261,15 @@ def _check(cfg: Config) -> None:
         if not 0.0 < r.init_strength <= 1.0:
             raise ConfigError(f"{p}.init_strength: must be in (0, 1], got {r.init_strength}")
         _one_of(r.grad_through, ("model", "x0"), f"{p}.grad_through")
+        ft = r.finetune
+        if ft is not None:
+            for key in ("rank", "steps", "num_workers", "checkpoint_every"):
+                if getattr(ft, key) < 1:
+                    raise ConfigError(f"{p}.finetune.{key}: must be >= 1, got {getattr(ft, key)}")
+            if ft.batch_size < 2:
+                raise ConfigError(f"{p}.finetune.batch_size: must be >= 2 (the MMD compares sets), got {ft.batch_size}")
+            if ft.lr <= 0 or ft.mmd_weight < 0 or not 0.0 <= ft.p_uncond < 1.0:
+                raise ConfigError(f"{p}.finetune: lr must be > 0, mmd_weight >= 0 and p_uncond in [0, 1)")
         if r.soft_labels is not None:
             allowed = {"explore_from", "refine_until", "beta_s", "beta_n", "schedule"}
             for k in r.soft_labels:

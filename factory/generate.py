@@ -34,9 +34,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_backbone(cfg: Config, train):
-    """The configured backbone, producing images of the real set's size and mode, for its classes."""
+def build_backbone(cfg: Config, train, lora: str | None = None):
+    """The configured backbone, producing images of the real set's size and mode, for its classes
+    (``lora``: a Real-Fake adapter folder merged into its denoiser)."""
     options = dict(cfg.backbone.options)
+    if lora:
+        options["lora"] = lora
     if cfg.backbone.name != "tiny":
         options.setdefault("mode", train.mode)
         if cfg.backbone.name in ("sd15", "sd35m") or "class_ids" not in options:
@@ -55,8 +58,13 @@ def embed(features, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 
 class SyntheticProducer:
-    def __init__(self, config: dict | Config):
+    """``adapters``: recipe -> the Real-Fake LoRA adapter (folder or URI) its shards sample with; a recipe
+    with a ``finetune`` block needs one (``factory run`` fine-tunes first). Loaded lazily, per recipe."""
+
+    def __init__(self, config: dict | Config, adapters: dict[str, str] | None = None):
         self.cfg = config if isinstance(config, Config) else from_dict(config)
+        self.adapters = dict(adapters or {})
+        self._backbones: dict = {}
         torch.set_num_threads(self.cfg.executor.torch_threads)
         data = self.cfg.data
         self.train = load_real(data.source, "train", data.root)
@@ -64,6 +72,18 @@ class SyntheticProducer:
         self.features = build_features(self.cfg)
         self._train_features: torch.Tensor | None = None
         self._guidance: dict = {}  # per (recipe, class, shard) energies; per recipe discriminators
+
+    def backbone_for(self, recipe: str):
+        """The backbone a recipe samples with: the base one, or the base with the recipe's LoRA merged."""
+        path = self.adapters.get(recipe)
+        if path is None:
+            if self.cfg.recipes[recipe].finetune is not None:
+                raise ValueError(f"recipe {recipe!r} fine-tunes the backbone (finetune): its adapter is needed "
+                                 "(factory run makes it before sampling)")
+            return self.backbone
+        if recipe not in self._backbones:
+            self._backbones[recipe] = build_backbone(self.cfg, self.train, lora=path)
+        return self._backbones[recipe]
 
     @property
     def train_features(self) -> torch.Tensor:
@@ -122,11 +142,11 @@ class SyntheticProducer:
             r = self.cfg.recipes[recipe]
             (e,) = [e for e in r.energies if e.name == "lowdensity"]
             per_class = int(e.params.get("baseline_per_class", 64))
-            fakes = []
+            fakes, backbone = [], self.backbone_for(recipe)
             for label in range(self.train.num_classes):
                 g = torch.Generator().manual_seed(shard_seed(self.cfg.seed, f"{recipe}/baseline", label, 0))
                 labels = torch.full((per_class,), label, dtype=torch.long)
-                images = sample(self.backbone, self.backbone.scheduler, labels, g, self.cfg.sampling.steps,
+                images = sample(backbone, backbone.scheduler, labels, g, self.cfg.sampling.steps,
                                 cfg_scale=r.cfg_scale, eta=self.cfg.sampling.eta).images
                 fakes.append(embed(self.features, images))
             disc = guidance.FeatureDiscriminator(self.train_features.shape[1])
@@ -144,13 +164,14 @@ class SyntheticProducer:
             ]
         return self._guidance[key]
 
-    def _soft_label_condition(self, params: dict, labels: torch.Tensor, generator: torch.Generator):
+    def _soft_label_condition(self, params: dict, labels: torch.Tensor, generator: torch.Generator, backbone=None):
         """DMGD's dynamic soft labels: the conditioning of step i of n (paper 003, three stages)."""
         from factory import guidance
 
-        table = self.backbone.condition(torch.arange(self.backbone.num_classes))
-        others = guidance.pick_other_class(labels, self.backbone.num_classes, generator)
-        f_y, f_other = self.backbone.condition(labels), self.backbone.condition(others)
+        backbone = backbone or self.backbone
+        table = backbone.condition(torch.arange(backbone.num_classes))
+        others = guidance.pick_other_class(labels, backbone.num_classes, generator)
+        f_y, f_other = backbone.condition(labels), backbone.condition(others)
         std = guidance.embedding_noise_std(table)
 
         def condition(i: int, n: int) -> torch.Tensor:
@@ -161,6 +182,7 @@ class SyntheticProducer:
 
     def sample_shard(self, shard: Shard) -> torch.Tensor:
         recipe = self.cfg.recipes[shard.recipe]
+        backbone = self.backbone_for(shard.recipe)
         generator = torch.Generator().manual_seed(shard.seed)
         aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
         guidance = self.guidance_for(shard)
@@ -174,12 +196,12 @@ class SyntheticProducer:
             labels = torch.full((min(step, shard.num_images - start),), shard.label, dtype=torch.long)
             condition = None
             if recipe.soft_labels is not None:
-                condition = self._soft_label_condition(recipe.soft_labels, labels, aux)
+                condition = self._soft_label_condition(recipe.soft_labels, labels, aux, backbone)
             init = None
             if init_pool is not None:
                 init = init_pool[torch.randint(len(init_pool), (len(labels),), generator=aux)]
             result = sample(
-                self.backbone, self.backbone.scheduler, labels, generator, self.cfg.sampling.steps,
+                backbone, backbone.scheduler, labels, generator, self.cfg.sampling.steps,
                 cfg_scale=recipe.cfg_scale, guidance=guidance, features=self.features if guidance else None,
                 frozen=frozen, condition=condition, init_images=init, strength=recipe.init_strength,
                 eta=self.cfg.sampling.eta, grad_through=recipe.grad_through,

@@ -168,6 +168,32 @@ def downstream_accuracy(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet
         metrics[name].setdefault("downstream", {})[mode] = round(float(result["accuracy"]), 4)
 
 
+def finetune_recipes(cfg: Config, sink: ShardSink, train: RealSet, recipes: set[str]) -> tuple[dict, dict]:
+    """Real-Fake: every recipe with a ``finetune`` block gets its LoRA adapter at ``<output>/<recipe>/lora/``,
+    made on Ray Train when one of its shards is pending (a complete adapter is kept; a stopped fine-tune
+    resumes from its checkpoint under ``<output>/_train``). Returns (recipe -> adapter URI, summaries)."""
+    import os
+
+    from factory.realfake import finetune
+
+    adapters, summaries = {}, {}
+    for name, r in cfg.recipes.items():
+        if r.finetune is None:
+            continue
+        where = f"{sink.root}/{name}/lora"
+        storage = f"{sink.root}/_train"
+        if sink.local:
+            where, storage = os.path.abspath(where), os.path.abspath(storage)
+        else:
+            where, storage = sink.fs.unstrip_protocol(where), sink.fs.unstrip_protocol(storage)
+        adapters[name] = where
+        if name in recipes:
+            summary = finetune(cfg, name, train, where, storage)
+            summaries[name] = {k: summary[k] for k in ("steps", "steps_trained", "resumed_from", "seconds")}
+            summaries[name]["loss"] = summary["history"][-1] if summary["history"] else None
+    return adapters, summaries
+
+
 def provenance(cfg: Config, output: str, wall: dict) -> dict:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -201,11 +227,13 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     sink.check_writable()
     ensure_ray(cfg.executor.address)
     pending = pending_shards(plan, sink)
+    t_finetune = time.perf_counter()
+    adapters, finetuned = finetune_recipes(cfg, sink, train, {plan.shard(s).recipe for s in pending})
     made = 0
     t_sample = time.perf_counter()
     try:
         for row in run_shards(
-            plan, pending, functools.partial(SyntheticProducer, cfg.to_dict()), output, cfg.output.formats,
+            plan, pending, functools.partial(SyntheticProducer, cfg.to_dict(), adapters), output, cfg.output.formats,
             num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
             num_gpus=cfg.executor.num_gpus, progress=progress, desc=f"{cfg.name} shards",
         ):
@@ -218,11 +246,14 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     t_train = time.perf_counter()
     if cfg.downstream.enabled:
         downstream_accuracy(cfg, sink, plan, train, test, metrics)
-    wall = {"sampling": round(t_score - t_sample, 2), "scoring": round(t_train - t_score, 2),
+    wall = {"finetune": round(t_sample - t_finetune, 2),
+            "sampling": round(t_score - t_sample, 2), "scoring": round(t_train - t_score, 2),
             "downstream": round(time.perf_counter() - t_train, 2)}
     wall["total"] = round(time.perf_counter() - t_start, 2)
     prov = provenance(cfg, output, wall)
     prov["shards"] = {"planned": len(plan), "made": made, "already_complete": len(plan) - len(pending)}
+    if finetuned:
+        prov["finetune"] = finetuned
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())
     sink.put(f"{sink.root}/run.json", json.dumps(prov, indent=1, sort_keys=True, default=str).encode())
     write_report(sink, plan, metrics, prov)
