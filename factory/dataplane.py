@@ -35,8 +35,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
+class ShardFailed(RuntimeError):
+    """A producer raised on a shard: the message names the shard and the original error."""
+
+
 class ShardWorker:
-    """Ray Data callable class: builds its producer once, then makes and commits one shard per row."""
+    """Ray Data callable class: builds its producer once, then makes and commits one shard per row.
+
+    A producer that raises (bad input, NaN during sampling) does not raise through Ray, whose wrappers
+    keep the original error only as traceback text: the row carries ``error`` ("Type: message"), and
+    :func:`run_shards` raises :class:`ShardFailed` with it on the driver. Nothing of that shard is
+    committed. A worker that dies (preemption) is Ray's to retry, as before.
+    """
 
     def __init__(self, make_producer: Callable, plan: Plan, output: str, formats: list[str], storage_options=None):
         self.plan = plan
@@ -44,26 +54,33 @@ class ShardWorker:
         self.producer = make_producer()
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"shard_id": [], "recipe": [], "shard": [], "num_images": [], "seconds": [], "skipped": []}
+        rows = {"shard_id": [], "recipe": [], "shard": [], "num_images": [], "seconds": [], "skipped": [],
+                "error": []}
         for sid in batch["shard_id"]:
             shard = self.plan.shard(int(sid))
             t0 = time.perf_counter()
             skipped = self.sink.is_complete(shard.recipe, shard.name)  # a retried task may find it done
+            error = ""
             if not skipped:
-                records = self.producer(shard)
-                if len(records) != shard.num_images:
-                    raise RuntimeError(f"shard {shard.recipe}/{shard.name}: producer made {len(records)} records, "
-                                       f"plan says {shard.num_images}")
-                self.sink.commit(shard.recipe, shard.name, records, {
-                    "shard_id": shard.shard_id, "label": shard.label, "class_name": shard.class_name,
-                    "index": shard.index, "seed": shard.seed,
-                })
+                where = f"{shard.recipe}/{shard.name}"
+                try:
+                    records = self.producer(shard)
+                    if len(records) != shard.num_images:
+                        raise RuntimeError(f"producer made {len(records)} records, plan says {shard.num_images}")
+                    self.sink.commit(shard.recipe, shard.name, records, {
+                        "shard_id": shard.shard_id, "label": shard.label, "class_name": shard.class_name,
+                        "index": shard.index, "seed": shard.seed,
+                    })
+                except Exception as e:  # a bad shard or an unreachable store: name it, mark nothing complete
+                    msg = f"{type(e).__name__}: {e}"
+                    error = msg if where in msg else f"shard {where}: {msg}"
             rows["shard_id"].append(shard.shard_id)
             rows["recipe"].append(shard.recipe)
             rows["shard"].append(shard.name)
             rows["num_images"].append(shard.num_images)
             rows["seconds"].append(time.perf_counter() - t0)
             rows["skipped"].append(skipped)
+            rows["error"].append(error)
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
@@ -106,5 +123,7 @@ def run_shards(
     )
     with tqdm(total=len(shard_ids), desc=desc, unit="shard", disable=not progress) as bar:
         for row in ds.iter_rows():
+            if row["error"]:
+                raise ShardFailed(row["error"])
             bar.update(1)
             yield row

@@ -20,7 +20,7 @@ import torch
 from factory import __version__
 from factory.config import Config, ConfigError
 from factory.data import RealSet, decode_image, load_real
-from factory.dataplane import ensure_ray, pending_shards, run_shards
+from factory.dataplane import ShardFailed, ensure_ray, pending_shards, run_shards
 from factory.plan import Plan, RecipePlan, images_per_class
 from factory.shards import ShardSink
 
@@ -240,7 +240,8 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
             made += not row["skipped"]
     except Exception as e:
         cause = root_cause(e)
-        raise ShardError(f"{type(cause).__name__}: {cause} (completed shards are kept; rerun to resume)") from e
+        what = str(cause) if isinstance(cause, ShardFailed) else f"{type(cause).__name__}: {cause}"
+        raise ShardError(f"{what} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
     metrics = score_recipes(cfg, sink, plan, train, test)
     t_train = time.perf_counter()

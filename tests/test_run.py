@@ -109,3 +109,53 @@ def test_factory_eval_scores_written_shards_like_the_run(first_run, capsys):
             assert got[key] == pytest.approx(expected[key], abs=1e-9), key
     assert main(["eval", "imagefolder", f"{out}/nowhere"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _shard_files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith((".parquet", ".tar", ".json"))]
+
+
+def test_nan_during_sampling_names_it_and_commits_nothing(local_ray, tmp_path, capsys):
+    # a guidance step of 1e300 overflows x0 to inf, and the shard's images to NaN
+    blowup = {"cfg": {"cfg_scale": 1.0, "images_per_class": 6,
+                      "energies": [{"name": "chamfer", "weight": 1e300, "params": {"k": 4}}]}}
+    data = {**TINY, "data": {"source": "digits", "classes": ["7"]}, "recipes": blowup}
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, data), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or Inf" in err and "cfg/c00007-s00000" in err, err[-2000:]
+    assert _shard_files(out) == []
+
+
+def test_unwritable_output_is_named_before_any_work(local_ray, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["run", _write(tmp_path, TINY), "--output", str(blocker / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and str(blocker / "out") in err, err[-2000:]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("size", "expected 8x8"),
+    ("corrupt", "corrupt or unreadable image"),
+])
+def test_bad_reference_images_exit_nonzero_and_write_nothing(local_ray, tmp_path, capsys, bad, message):
+    from PIL import Image
+
+    root = tmp_path / "refs"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(root / split / cls / f"{i}.png")
+    target = root / "train" / "b" / "1.png"
+    if bad == "size":
+        Image.fromarray(np.zeros((9, 9), np.uint8), "L").save(target)
+    else:
+        target.write_bytes(b"\x89PNG truncated")
+    data = {**TINY, "data": {"source": "imagefolder", "root": str(root)}}
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, data), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
+    assert not out.exists()
