@@ -2,7 +2,7 @@
 
     factory run CONFIG [--output URI] [--set dotted.key=value ...]
     factory eval {parquet,webdataset,imagefolder} ROOT [--real digits] [--features cnn] [--k 5]
-    factory plan CONFIG [--set ...]
+    factory plan CONFIG [--gpu h100] [--img-per-s R] [--price-per-gpu-hour P] [--mfu M] [--json] [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
 """
@@ -40,16 +40,13 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from factory.data import load_real
-    from factory.run import build_plan
+    from factory import plan as planning
 
+    # options first, so a typo fails before any data is read
+    planning.check_estimate_args(args.gpu, args.img_per_s, args.price_per_gpu_hour, args.mfu)
     cfg = load_config(args.config, args.set)
-    train = load_real(cfg.data.source, "train", cfg.data.root)
-    plan = build_plan(cfg, train)
-    print(json.dumps({"shards": len(plan), "images": plan.num_images, "classes": len(plan.labels),
-                      "recipes": {r.recipe: {"images_per_class": r.images_per_class,
-                                             "shards_per_class": r.shards_per_class} for r in plan.recipes}},
-                     indent=1))
+    est = planning.estimate(cfg, args.gpu, args.img_per_s, args.price_per_gpu_hour, args.mfu)
+    print(json.dumps(est, indent=1) if args.json else planning.format_estimate(est))
     return 0
 
 
@@ -81,9 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=5)
     p.set_defaults(fn=_cmd_eval)
 
-    p = sub.add_parser("plan", help="print a run's shard plan")
+    p = sub.add_parser("plan", help="a run's shards, images, estimated GPU-hours and cost")
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--gpu", help="device type: h100, h100-pcie, h200, a100, l40s, a10g, l4, cpu "
+                                 "(default h100, or cpu when executor.num_gpus is 0)")
+    p.add_argument("--img-per-s", type=float, help="images/s per GPU, instead of the measured / FLOP-based rate")
+    p.add_argument("--price-per-gpu-hour", type=float, help="USD per GPU-hour, instead of the default prices")
+    p.add_argument("--mfu", type=float, help="assumed model FLOP utilisation of FLOP-based estimates (default 0.30)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(fn=_cmd_plan)
 
     from factory import bench

@@ -25,6 +25,10 @@ class DataConfig:
     source: str = "digits"  # digits | fashion_mnist | imagefolder | parquet | webdataset
     root: str | None = None  # folder or URI for imagefolder / parquet / webdataset
     classes: list[str] | None = None  # class names to produce; None = all
+    # Declared sizes of the real set, for planning only: with them `factory plan` sizes a run without reading
+    # the data (an ImageNet train split need not be read to plan a run). A run counts what it reads.
+    num_classes: int | None = None  # classes of the real set (all of them, not only data.classes)
+    train_size: int | None = None  # images in its train split (what a recipe's scale multiplies)
 
 
 @dataclass
@@ -215,6 +219,12 @@ def _check(cfg: Config) -> None:
     _one_of(cfg.data.source, DATA_SOURCES, "data.source")
     _one_of(cfg.backbone.name, BACKBONES, "backbone.name")
     _one_of(cfg.features.name, FEATURE_SPACES, "features.name")
+    for key in ("num_classes", "train_size"):
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
+    if cfg.data.classes is not None and cfg.data.num_classes is not None and len(cfg.data.classes) > cfg.data.num_classes:
+        raise ConfigError(f"data.classes: {len(cfg.data.classes)} classes listed, more than "
+                          f"data.num_classes = {cfg.data.num_classes}")
     if cfg.sampling.steps < 1:
         raise ConfigError(f"sampling.steps: must be >= 1, got {cfg.sampling.steps}")
     if cfg.sampling.shard_size < 1:

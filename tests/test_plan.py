@@ -40,3 +40,161 @@ def test_ten_x_imagenet_plan_is_instant():
 def test_images_per_class_one_x():
     assert images_per_class(1.0, None, 1347, 10) == 135
     assert images_per_class(1.0, 7, 1347, 10) == 7
+
+
+# ----------------------------------------------------------------------------- factory plan: sizes, hours, cost
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from factory.cli import main  # noqa: E402
+from factory.config import ConfigError, from_dict  # noqa: E402
+from factory.plan import (  # noqa: E402
+    DEVICES, estimate, guided_schedule, plan_for_config, recipe_tflops,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(backbone="sd15", steps=25, **recipe):
+    return from_dict({"backbone": {"name": backbone, "checkpoint": "x"}, "features": {"name": "dinov2"},
+                      "data": {"source": "parquet", "root": "s3://b/d", "num_classes": 10},
+                      "sampling": {"steps": steps, "shard_size": 10}, "executor": {"num_gpus": 1, "num_actors": [1, 4]},
+                      "recipes": {"r": {"images_per_class": 100, **recipe}}})
+
+
+CHAMFER = [{"name": "chamfer", "every": 5, "params": {"k": 32}}]
+OT = [{"name": "ot", "window": [0.1, 0.4], "params": {"K": 10}}]
+
+
+@pytest.mark.parametrize("backbone, steps, recipe, bench_tflops", [
+    # `factory bench --size full --flops-only` counts (docs/benchmarks.md, and this module's checks)
+    ("sd15", 25, {"cfg_scale": 2.0}, 42.7),
+    ("sd15", 25, {"cfg_scale": 2.0, "energies": CHAMFER}, 78.9),
+    ("sd15", 25, {"cfg_scale": 2.0, "energies": CHAMFER, "grad_through": "x0"}, 69.7),
+    ("sd15", 40, {"cfg_scale": 1.0, "energies": CHAMFER}, 85.18),
+    ("sd15", 25, {"cfg_scale": 2.0, "energies": OT}, 100.6),
+    ("sd35m", 25, {"cfg_scale": 2.0, "energies": CHAMFER}, 836.8),
+    ("sd35m", 25, {"cfg_scale": 1.0, "energies": CHAMFER}, 478.2),
+    ("dit-xl-2", 25, {"cfg_scale": 2.0}, 12.5),
+    ("dit-xl-2", 25, {"cfg_scale": 1.0, "energies": CHAMFER}, 15.67),
+    ("dit-xl-2", 50, {"cfg_scale": 1.5, "energies": CHAMFER}, 45.03),
+    ("dit-xl-2", 50, {"cfg_scale": 2.0, "energies": OT}, 57.4),
+])
+def test_flop_model_matches_the_bench_counts(backbone, steps, recipe, bench_tflops):
+    cfg = _cfg(backbone, steps, **recipe)
+    tflops, notes = recipe_tflops(cfg, cfg.recipes["r"])
+    assert tflops == pytest.approx(bench_tflops, rel=0.01) and not notes
+
+
+def test_guided_schedule_follows_the_sampler():
+    cfg = _cfg(steps=25, energies=CHAMFER)
+    assert guided_schedule(25, cfg.recipes["r"]) == (25, 5, 5)  # i = 0, 5, 10, 15, 20
+    assert guided_schedule(50, _cfg(energies=OT).recipes["r"]) == (50, 16, 16)  # i / 50 in [0.1, 0.4]
+    both = _cfg(energies=CHAMFER + [{"name": "lowdensity", "params": {"alpha": 1.0, "beta": 1.0}}]).recipes["r"]
+    assert guided_schedule(10, both) == (10, 10, 2 + 2 * 10)  # low-density: two terms, every step
+    assert guided_schedule(20, _cfg(init_strength=0.5, energies=CHAMFER).recipes["r"]) == (10, 2, 2)
+
+
+def test_estimate_hours_and_cost_from_a_given_rate_and_price():
+    cfg = _cfg("dit-xl-2", energies=CHAMFER)
+    est = estimate(cfg, gpu="a100", img_per_s=2.5, price_per_gpu_hour=1.5)
+    assert (est["classes"], est["shards"], est["images"]) == (10, 100, 1000)
+    (row,) = est["recipes"]
+    assert row["rate"] == "given" and row["img_per_s"] == 2.5
+    assert est["device_hours"] == pytest.approx(1000 / 2.5 / 3600)
+    assert est["cost"] == {"given": pytest.approx(1000 / 2.5 / 3600 * 1.5)}
+    assert est["parallel_devices"] == 4 and est["wall_hours"] == pytest.approx(est["device_hours"] / 4)
+
+
+def test_estimate_from_flops_on_each_gpu_and_default_prices():
+    cfg = _cfg("dit-xl-2", steps=50, cfg_scale=1.5, energies=CHAMFER)
+    for key, (_, peak, on_demand, spot, unit) in DEVICES.items():
+        if peak is None:
+            continue
+        est = estimate(cfg, gpu=key.upper(), mfu=0.5)
+        (row,) = est["recipes"]
+        assert row["rate"] == "estimate" and "ESTIMATE" not in row["rate_source"]
+        assert row["img_per_s"] == pytest.approx(peak * 0.5 / 45.03, rel=0.01)
+        assert est["cost"]["on_demand"] == pytest.approx(est["device_hours"] * on_demand)
+        assert est["prices"]["spot_assumed"] == (spot is None) and est["cost"]["spot"] < est["cost"]["on_demand"]
+
+
+def test_declared_sizes_plan_without_data_like_the_data():
+    data = {"source": "digits", "num_classes": 10, "train_size": 1347}
+    recipes = {"a": {"scale": 2.0}, "b": {"images_per_class": 7}}
+    declared = from_dict({"data": data, "sampling": {"shard_size": 100}, "recipes": recipes})
+    read = from_dict({"data": {"source": "digits"}, "sampling": {"shard_size": 100}, "recipes": recipes})
+    p1, p2 = plan_for_config(declared), plan_for_config(read)
+    assert (len(p1), p1.num_images) == (len(p2), p2.num_images) == (10 * 3 + 10, 10 * 270 + 70)
+    subset = from_dict({"data": {"source": "digits", "classes": ["3", "5"]}, "recipes": {"x": {"images_per_class": 4}}})
+    assert plan_for_config(subset).num_images == 8
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"num_classes": 0}, "data.num_classes: must be >= 1"),
+    ({"train_size": -5}, "data.train_size: must be >= 1"),
+    ({"num_classes": 2, "classes": ["a", "b", "c"]}, "more than data.num_classes = 2"),
+])
+def test_declared_sizes_are_validated(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"data": {"source": "digits", **data}})
+
+
+def _job(tmp_path, data) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_cli_plan_digits_counts_and_measured_rate(capsys):
+    assert main(["plan", str(ROOT / "jobs" / "digits.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "40 shards, 5,400 images" in out and "measured rate" in out and "vCPU-hours" in out
+    assert main(["plan", str(ROOT / "jobs" / "digits.yaml"), "--json", "--img-per-s", "10",
+                 "--price-per-gpu-hour", "2"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["shards"] == 40 and est["images"] == 5400
+    assert est["device_hours"] == pytest.approx(5400 / 10 / 3600) and est["cost"]["given"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "tpu-v9"], "--gpu: unknown GPU 'tpu-v9'; known: h100"),
+    (["--img-per-s", "-3"], "--img-per-s: must be a positive number"),
+    (["--img-per-s", "0"], "--img-per-s: must be a positive number"),
+    (["--price-per-gpu-hour", "-1"], "--price-per-gpu-hour: must be a number >= 0"),
+    (["--mfu", "1.5"], "--mfu: must be in (0, 1]"),
+    (["--gpu", "h100"], "no images/s for backbone 'tiny'"),  # no GPU figure, no FLOP model: asks for a rate
+])
+def test_cli_plan_bad_input_exits_2_with_a_clear_message(args, message, capsys):
+    assert main(["plan", str(ROOT / "jobs" / "digits.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("factory: error: ") and message in err
+
+
+def test_cli_plan_bad_config_exits_2(tmp_path, capsys):
+    assert main(["plan", _job(tmp_path, {"data": {"source": "digits", "num_classes": -1}})]) == 2
+    assert "data.num_classes" in capsys.readouterr().err
+
+
+def test_cli_plan_prints_the_13m_image_job_quickly():
+    """`factory plan` on 12.8M images, in a fresh interpreter. The time asserted is the command's own, after
+    the interpreter and the imports cli.main does for every subcommand (factory.bench, hence torch: ~3 s on an
+    idle 2-core box, several times that under load), which are timed and printed separately."""
+    job = str(ROOT / "jobs" / "imagenet1k_10x_dit.yaml")
+    code = ("import time; t0 = time.perf_counter(); import factory.cli, factory.bench; t1 = time.perf_counter(); "
+            f"rc = factory.cli.main(['plan', {job!r}, '--gpu', 'a100']); t2 = time.perf_counter(); "
+            "print(f'@@ {rc} {t1 - t0:.3f} {t2 - t1:.3f}')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rc, imports, command = proc.stdout.strip().splitlines()[-1].split()[1:]
+    assert rc == "0"
+    assert "12,812,000 images" in proc.stdout and "13,000 shards" in proc.stdout and "GPU-hours" in proc.stdout
+    assert "ESTIMATED rate" in proc.stdout and "a100" in proc.stdout
+    print(f"factory plan of 12,812,000 images: {float(command):.2f} s, after {float(imports):.1f} s of imports")
+    assert float(command) < 10, f"factory plan took {command} s after the imports"
