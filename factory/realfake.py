@@ -284,7 +284,8 @@ def train_loop(config: dict) -> None:
     real_feats = embed(features, images)
     n, batch = len(labels), min(ft["batch_size"], len(labels))
     steps, every = ft["steps"], ft["checkpoint_every"]
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, simple, mmd, count since the last report
+    device = params[0].device  # NCCL reduces device tensors only
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, simple, mmd, count since the last report
     for step in range(start, steps):
         gen = _step_generator(config["seed"], rank, step)
         idx = torch.randint(0, n, (batch,), generator=gen)
@@ -304,7 +305,7 @@ def train_loop(config: dict) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sums += torch.tensor([terms["loss"].item(), terms["simple"].item(), terms["mmd"].item(), 1.0],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=device)
         done = step + 1
         if done % every == 0 or done == steps:
             if distributed:
@@ -328,14 +329,14 @@ def train_loop(config: dict) -> None:
 
 
 def digest(cfg, recipe: str) -> str:
-    """What the adapter depends on, hashed: data, backbone, features, seed and the fine-tuning settings
+    """What the adapter depends on, hashed: the real set, backbone, features, seed and the fine-tuning settings
     (not steps, checkpoint_every, num_workers, use_gpu: more steps continue the same run)."""
     ft = dataclasses.asdict(cfg.recipes[recipe].finetune)
     for key in ("steps", "checkpoint_every", "num_workers", "use_gpu"):
         ft.pop(key)
     backbone = dataclasses.asdict(cfg.backbone)
-    what = {"data": dataclasses.asdict(cfg.data), "backbone": backbone, "features": dataclasses.asdict(cfg.features),
-            "seed": cfg.seed, "finetune": ft}
+    what = {"data": [cfg.data.source, cfg.data.root],  # the whole train split is used, whatever data.classes
+            "backbone": backbone, "features": dataclasses.asdict(cfg.features), "seed": cfg.seed, "finetune": ft}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
