@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(fn=_cmd_plan)
 
-    from factory import bench
-
     p = sub.add_parser("bench", help="throughput and FLOPs of one backbone / guidance configuration")
-    bench.add_arguments(p)
-    p.set_defaults(fn=lambda a: print(json.dumps(bench.run_bench(a))) or 0)
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["bench"]:  # factory.bench imports torch: only when asked, so plan/eval start fast
+        from factory import bench
+
+        bench.add_arguments(p)
+        p.set_defaults(fn=lambda a: print(json.dumps(bench.run_bench(a))) or 0)
 
     p = sub.add_parser("train-embedded", help="train the embedded tiny UNet and feature CNN")
     p.add_argument("dataset", choices=["digits", "fashion_mnist"])
