@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default 2; 1 with --overhead)")
     p.add_argument("--output", help="folder for the shards (default: a temporary folder, removed after)")
+    p.add_argument("--shards-per-call", type=int, default=1, help="shards per actor call (Ray Data batch)")
     p.add_argument("--overhead", metavar="CONFIG", help="data plane vs bare loop on a real config's shards")
     p.add_argument("--recipes", help="with --overhead: comma-separated recipes (default: all)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --overhead: config overrides")
@@ -131,12 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
     rss = []
     t0 = time.perf_counter()
     for n, _ in enumerate(run_shards(plan, pending, NullProducer, out, ["parquet"], (args.actors, args.actors),
-                                     num_cpus=1, progress=False), 1):
+                                     num_cpus=1, progress=False,
+                                     shards_per_call=args.shards_per_call), 1):
         if n % max(1, len(pending) // 10) == 0:
             rss.append(round(_rss_mb(), 1))
     wall = time.perf_counter() - t0
     result = {"shards": len(pending), "wall_s": round(wall, 1), "shards_per_s": round(len(pending) / wall, 1),
               "pending_scan_s": round(t_plan, 2), "actors": args.actors,
+              "shards_per_call": args.shards_per_call,
               "driver_peak_rss_mb_by_decile": rss}
     if not args.output:
         shutil.rmtree(out, ignore_errors=True)

@@ -103,8 +103,14 @@ def run_shards(
     storage_options: dict | None = None,
     progress: bool = True,
     desc: str = "shards",
+    shards_per_call: int = 1,
 ) -> Iterator[dict]:
-    """Make ``shard_ids`` of ``plan`` through a Ray Data actor pool; yields one stats row per shard."""
+    """Make ``shard_ids`` of ``plan`` through a Ray Data actor pool; yields one stats row per shard.
+
+    ``shards_per_call`` rows go to one call of an actor (Ray Data's batch). The worker commits each
+    shard as it finishes and a retried call skips the committed ones, so a lost actor costs at most
+    the shard in flight whatever the batch; batches above 1 only pay off when shards are cheap.
+    """
     import ray
     from tqdm import tqdm
 
@@ -116,7 +122,7 @@ def run_shards(
         fn_constructor_kwargs=dict(
             make_producer=make_producer, plan=plan, output=output, formats=formats, storage_options=storage_options
         ),
-        batch_size=1,
+        batch_size=shards_per_call,
         compute=ray.data.ActorPoolStrategy(min_size=num_actors[0], max_size=num_actors[1]),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
