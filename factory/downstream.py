@@ -2,10 +2,12 @@
 
 The training set is synthetic (the factory's Parquet shards), real (a ``RealSet``) or both ("mixed"); it
 becomes one Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows that Ray Train splits
-across its workers. Each epoch ends with ``ray.train.report`` and a checkpoint (model, optimizer, epoch,
-history) under ``<storage_path>/<name>``; a rerun with the same storage path and name resumes from the
-latest checkpoint (Ray Train V2 reloads the run's snapshot and ``ray.train.get_checkpoint()`` hands it
-to the workers), and a run that already reached its epochs is read back without training.
+across its workers. Several classifiers (one per recipe and mode, and real) train one after another in
+one Ray Train run, so its start-up is paid once. Each epoch ends with ``ray.train.report`` and a
+checkpoint (model, optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun
+with the same storage path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's
+snapshot and ``ray.train.get_checkpoint()`` hands it to the workers), and classifiers that already
+reached their epochs are read back without training.
 """
 
 from __future__ import annotations
@@ -153,37 +155,57 @@ def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, rank: in
 
 
 def train_loop(config: dict) -> None:
-    """The Ray Train worker loop: resume from the latest checkpoint, train, evaluate, report each epoch."""
+    """The Ray Train worker loop over ``config["runs"]``, one classifier each, in order.
+
+    Every epoch of every run ends with ``ray.train.report`` and a checkpoint of the run in progress
+    (model, optimizer, epoch, history) plus the results of the runs already finished ("done"). On a
+    resumed trainer, finished runs are skipped and the run in progress continues from its epoch.
+    """
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
     from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config["use_gpu"]:
         torch.set_num_threads(1)
-    torch.manual_seed(config["seed"] + rank)
-    gen = torch.Generator()
-
-    net = resnet(config["model"], config["num_classes"], config["in_channels"], config["image_size"])
-    model = ray.train.torch.prepare_model(net)
     device = ray.train.torch.get_device()
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
 
-    start, history = 0, []
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
+    done = dict(state["done"]) if state else {}
+    for spec in config["runs"]:
+        name = spec["name"]
+        if name in done and done[name]["epochs"] >= config["epochs"]:
+            continue
+        resume = state if state and state["current"] == name else None
+        _train_one(config, spec, resume, done, rank, world, device, Checkpoint)
+
+
+def _train_one(config, spec, state, done, rank, world, device, Checkpoint) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    name = spec["name"]
+    torch.manual_seed(config["seed"] + rank)
+    gen = torch.Generator()
+    net = resnet(config["model"], config["num_classes"], config["in_channels"], config["image_size"])
+    model = ray.train.torch.prepare_model(net)
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+    start, history = 0, []
+    if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
+        start, history = state["epoch"], list(state["history"])
 
-    epochs, batch_size = config["epochs"], config["batch_size"]
-    steps = max(1, config["train_images"] // world // batch_size)  # per epoch and worker
+    epochs, batch_size = config["epochs"], spec["batch_size"]
+    steps = max(1, spec["train_images"] // world // batch_size)  # per epoch and worker
     pad = max(1, config["image_size"] // 8)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(name)
     for epoch in range(start, epochs):
         model.train()
         gen.manual_seed(config["seed"] + rank + 1000 * epoch)  # augmentation: the same on a resumed run
@@ -210,12 +232,15 @@ def train_loop(config: dict) -> None:
         accuracy = _evaluate(net, config["test_images"], config["test_labels"], rank, world, device)
         history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
                         "test_accuracy": accuracy})
-        metrics = {"epoch": epoch + 1, "accuracy": accuracy, "history": history, "resumed_from": start,
-                   "train_images": config["train_images"], "mode": config["mode"]}
+        if epoch + 1 == epochs:
+            done[name] = {"accuracy": accuracy, "epochs": epochs, "history": list(history), "resumed_from": start,
+                          "train_images": spec["train_images"], "mode": spec["mode"]}
+        metrics = {"current": name, "epoch": epoch + 1, "done": dict(done)}
         if rank == 0:  # every worker reports; rank 0 alone saves the (replicated) state
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": history}, os.path.join(d, CHECKPOINT_FILE))
+                            "history": history, "current": name, "done": dict(done)},
+                           os.path.join(d, CHECKPOINT_FILE))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -224,16 +249,79 @@ def train_loop(config: dict) -> None:
 # --- driver ----------------------------------------------------------------------------------------
 
 
-def _finished(path: str, storage_filesystem, epochs: int) -> dict | None:
-    """The last reported metrics of the run at ``path`` when it already reached ``epochs``."""
+def _finished(path: str, storage_filesystem) -> dict:
+    """The finished runs ("done") recorded by the trainer at ``path``; {} when there is none yet."""
     from ray.train import Result
 
     try:
         result = Result.from_path(path, storage_filesystem=storage_filesystem)
     except RuntimeError:  # no run there yet, or no checkpoint reported
-        return None
-    metrics = result.metrics or {}
-    return metrics if metrics.get("epoch", 0) >= epochs else None
+        return {}
+    return dict((result.metrics or {}).get("done") or {})
+
+
+def train_and_evaluate_many(
+    runs: list[tuple[str, list[str] | None, RealSet | None]],
+    test: RealSet,
+    cfg: DownstreamConfig,
+    storage_path: str,
+    name: str,
+    seed: int = 0,
+    storage_filesystem=None,
+) -> dict[str, dict]:
+    """Train one classifier per ``(run name, train_parquet, real_train)`` in ONE Ray Train run.
+
+    One worker group, started once, trains them in order (each from its own fresh initialisation with
+    the same seed), so a run of many small sets pays Ray Train's start-up once. Checkpoints live under
+    ``<storage_path>/<name>``; a rerun skips the finished classifiers and resumes the one in progress.
+    Returns run name -> ``{"accuracy", "epochs", "train_images", "mode", "history", "resumed_from",
+    "epochs_trained"}``, where ``epochs_trained`` counts the epochs this call ran (0: read back).
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    names = [r[0] for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"downstream run names must be unique, got {names}")
+    if storage_filesystem is None and "://" not in storage_path:
+        storage_path = os.path.abspath(storage_path)
+    before = _finished(f"{storage_path.rstrip('/')}/{name}", storage_filesystem)
+    todo = [r for r in runs if before.get(r[0], {}).get("epochs", 0) < cfg.epochs]
+    done = dict(before)
+    if todo:
+        datasets, specs = {}, []
+        for run_name, files, real in todo:
+            ds, mode, n = build_dataset(files, real, test, seed)
+            datasets[run_name] = ds
+            specs.append({"name": run_name, "mode": mode, "train_images": n,
+                          "batch_size": max(2, min(cfg.batch_size, n // cfg.num_workers))})  # a tiny set trains
+        config = {
+            "runs": specs, "model": cfg.model, "num_classes": test.num_classes,
+            "in_channels": 1 if test.mode == "L" else 3, "image_size": max(test.size), "epochs": cfg.epochs,
+            "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed,
+            "test_images": test.to_float(), "test_labels": test.labels,
+        }
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+            run_config=RunConfig(
+                storage_path=storage_path, name=name, storage_filesystem=storage_filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest: ~90 MB for a resnet18
+            ),
+            datasets=datasets,
+        )
+        done = dict(trainer.fit().metrics["done"])
+    out = {}
+    for run_name, _, _ in runs:
+        r = done[run_name]
+        trained = r["epochs"] - r["resumed_from"] if run_name in {t[0] for t in todo} else 0
+        out[run_name] = {
+            "accuracy": float(r["accuracy"]), "epochs": int(r["epochs"]), "train_images": int(r["train_images"]),
+            "mode": r["mode"], "history": [dict(h) for h in r["history"]],
+            "resumed_from": int(r["resumed_from"]) if trained else int(r["epochs"]), "epochs_trained": int(trained),
+        }
+    return out
 
 
 def train_and_evaluate(
@@ -248,46 +336,10 @@ def train_and_evaluate(
 ) -> dict:
     """Train ``cfg.model`` on Ray Train under ``<storage_path>/<name>`` (resuming it), judge it on ``test``.
 
-    Returns ``{"accuracy", "epochs", "train_images", "mode", "history": [{"epoch", "loss", "test_accuracy"}],
-    "resumed_from", "epochs_trained"}``: ``resumed_from`` is the checkpoint epoch this call started from
-    (0 = a fresh run) and ``epochs_trained`` the epochs it ran. A run that already reached ``cfg.epochs``
-    is read back from storage without building a dataset or starting a worker (``epochs_trained`` = 0).
+    One classifier: :func:`train_and_evaluate_many` with a single run. ``resumed_from`` is the checkpoint
+    epoch this call started from (0 = a fresh run) and ``epochs_trained`` the epochs it ran. A run that
+    already reached ``cfg.epochs`` is read back from storage without building a dataset or starting a
+    worker (``epochs_trained`` = 0).
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if storage_filesystem is None and "://" not in storage_path:
-        storage_path = os.path.abspath(storage_path)
-    done = _finished(f"{storage_path.rstrip('/')}/{name}", storage_filesystem, cfg.epochs)
-    if done is not None:
-        metrics, trained = {**done, "resumed_from": done["epoch"]}, 0
-    else:
-        ds, mode, n = build_dataset(train_parquet, real_train, test, seed)
-        config = {
-            "model": cfg.model, "num_classes": test.num_classes, "in_channels": 1 if test.mode == "L" else 3,
-            "image_size": max(test.size), "epochs": cfg.epochs, "lr": cfg.lr,
-            "batch_size": max(2, min(cfg.batch_size, n // cfg.num_workers)),  # a tiny set still trains
-            "use_gpu": cfg.use_gpu, "seed": seed, "train_images": n, "mode": mode,
-            "test_images": test.to_float(), "test_labels": test.labels,
-        }
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-            run_config=RunConfig(
-                storage_path=storage_path, name=name, storage_filesystem=storage_filesystem,
-                checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest: ~90 MB for a resnet18
-            ),
-            datasets={"train": ds},
-        )
-        metrics = trainer.fit().metrics
-        trained = metrics["epoch"] - metrics["resumed_from"]
-    return {
-        "accuracy": float(metrics["accuracy"]),
-        "epochs": int(metrics["epoch"]),
-        "train_images": int(metrics["train_images"]),
-        "mode": metrics["mode"],
-        "history": [dict(h) for h in metrics["history"]],
-        "resumed_from": int(metrics["resumed_from"]),
-        "epochs_trained": int(trained),
-    }
+    return train_and_evaluate_many([(name, train_parquet, real_train)], test, cfg, storage_path, name, seed,
+                                   storage_filesystem)[name]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from factory.config import DownstreamConfig
 from factory.data import load_real
-from factory.downstream import build_dataset, resnet, train_and_evaluate
+from factory.downstream import build_dataset, resnet, train_and_evaluate, train_and_evaluate_many
 from factory.shards import ShardSink
 
 # Chance is 0.1. Measured (seed 0, 2 workers): real 0.88 after epoch 1, 0.93 after the resumed epoch 2;
@@ -118,13 +118,24 @@ def test_finished_run_is_read_back_without_training(real_runs):
     assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest only
 
 
-def test_synthetic_only_from_parquet_shards(local_ray, digits, shard_files, tmp_path):
-    _, test = digits
+def test_synthetic_only_then_a_second_classifier_in_the_same_trainer_storage(local_ray, digits, shard_files,
+                                                                             tmp_path):
+    train, test = digits
     assert len(shard_files) == 20
-    result = train_and_evaluate(shard_files, None, test, _cfg(1), str(tmp_path), "synthetic", seed=0)
+    first = train_and_evaluate_many([("synthetic", shard_files, None)], test, _cfg(1), str(tmp_path), "group")
+    result = first["synthetic"]
     assert result["mode"] == "synthetic" and result["train_images"] == 1347
     assert [h["epoch"] for h in result["history"]] == [1] and result["resumed_from"] == 0
     assert result["accuracy"] > MIN_ACCURACY, result
+    # a rerun that adds a classifier trains only the new one, in the same trainer's storage
+    again = train_and_evaluate_many([("synthetic", shard_files, None), ("mixed", shard_files, train)], test,
+                                    _cfg(1), str(tmp_path), "group")
+    assert again["synthetic"]["epochs_trained"] == 0 and again["synthetic"]["history"] == result["history"]
+    assert again["mixed"]["epochs_trained"] == 1 and again["mixed"]["mode"] == "mixed"
+    assert again["mixed"]["train_images"] == 2 * 1347 and again["mixed"]["accuracy"] > MIN_ACCURACY
+    assert os.listdir(tmp_path) == ["group"]
+    with pytest.raises(ValueError, match="unique"):
+        train_and_evaluate_many([("a", None, train), ("a", None, train)], test, _cfg(1), str(tmp_path), "g2")
 
 
 def test_mixed_dataset_holds_both_sets_shuffled(local_ray, digits, shard_files):
