@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from factory import bench
 
         bench.add_arguments(p)
-        p.set_defaults(fn=lambda a: print(json.dumps(bench.run_bench(a))) or 0)
+        p.set_defaults(fn=lambda a: bench.run_bench(a) and 0)  # run_bench prints its one JSON line
 
     p = sub.add_parser("train-embedded", help="train the embedded tiny UNet and feature CNN")
     p.add_argument("dataset", choices=["digits", "fashion_mnist"])

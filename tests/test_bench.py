@@ -78,3 +78,12 @@ def test_flops_only_counts_the_same_flops_on_the_meta_device(capsys):
     assert meta["tflops_per_img"] == pytest.approx(real["tflops_per_img"], rel=0.1)
     ot = _bench(capsys, "--backbone", "dit-xl-2", "--guidance", "ot", "--steps", "10", "--flops-only")
     assert ot["guided_steps"] == 4 and ot["tflops_per_img_by_part"]["backward_and_energy"] > 0
+
+
+def test_cli_prints_exactly_one_json_line(capsys):
+    from factory.cli import main
+
+    assert main(["bench", "--backbone", "tiny", "--size", "tiny", "--guidance", "none", "--batch", "2",
+                 "--steps", "2", "--warmup", "0", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["backbone"] == "tiny"
