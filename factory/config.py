@@ -271,10 +271,12 @@ def _check(cfg: Config) -> None:
             if ft.lr <= 0 or ft.mmd_weight < 0 or not 0.0 <= ft.p_uncond < 1.0:
                 raise ConfigError(f"{p}.finetune: lr must be > 0, mmd_weight >= 0 and p_uncond in [0, 1)")
         if r.soft_labels is not None:
-            allowed = {"explore_from", "refine_until", "beta_s", "beta_n", "schedule"}
+            allowed = {"explore_from", "refine_until", "beta_s", "beta_n", "schedule", "baseline"}
             for k in r.soft_labels:
                 if k not in allowed:
                     raise ConfigError(f"unknown key {p}.soft_labels.{k!r}; allowed keys: {', '.join(sorted(allowed))}")
+            if "baseline" in r.soft_labels:
+                _one_of(r.soft_labels["baseline"], ("zero", "unconditional"), f"{p}.soft_labels.baseline")
         for i, e in enumerate(r.energies):
             ep = f"{p}.energies[{i}]"
             _one_of(e.name, ENERGIES, f"{ep}.name")

@@ -173,10 +173,16 @@ class SyntheticProducer:
         others = guidance.pick_other_class(labels, backbone.num_classes, generator)
         f_y, f_other = backbone.condition(labels), backbone.condition(others)
         std = guidance.embedding_noise_std(table)
+        params = dict(params)
+        baseline = params.pop("baseline", "zero")
+        if baseline not in ("zero", "unconditional"):
+            raise ValueError(f"soft_labels.baseline: expected 'zero' or 'unconditional', got {baseline!r}")
+        base = backbone.null_condition(len(labels)) if baseline == "unconditional" else None
 
         def condition(i: int, n: int) -> torch.Tensor:
             # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n
-            return guidance.soft_label_embedding(1.0 - i / n, f_y, f_other, generator, noise_std=std, **params)
+            return guidance.soft_label_embedding(1.0 - i / n, f_y, f_other, generator, noise_std=std,
+                                                 baseline=base, **params)
 
         return condition
 

@@ -23,6 +23,7 @@ def test_quickstart_config_validates():
         ({"output": {"formats": ["csv"]}}, "output.formats[0]: unknown value 'csv'"),
         ({"recipes": {}}, "at least one recipe"),
         ({"seed": 1.5}, "seed: expected an integer"),
+        ({"recipes": {"x": {"soft_labels": {"baseline": "null"}}}}, "recipes.x.soft_labels.baseline: unknown value"),
     ],
 )
 def test_bad_configs_name_the_problem(data, message):

@@ -66,6 +66,17 @@ def test_exploration_stage_is_fully_diffused_label():
     assert torch.allclose(out, BETA_S * fo)
 
 
+def test_unconditional_baseline_is_what_the_label_decays_to():
+    f, fo, null = _emb((3, 16), 4), _emb((3, 16), 5), _emb((16,), 6)
+    explore = soft_label_embedding(0.95, f, fo, torch.Generator().manual_seed(1), noise_std=0.0, baseline=null)
+    assert torch.allclose(explore, null + BETA_S * fo)
+    mid = 0.5 * (EXPLORE_FROM + REFINE_UNTIL)
+    r = math.sqrt(sigma_t(mid))
+    soft = soft_label_embedding(mid, f, fo, torch.Generator().manual_seed(1), noise_std=0.0, baseline=null)
+    assert torch.allclose(soft, r * f + (1 - r) * (null + BETA_S * fo))
+    assert soft_label_embedding(0.1, f, fo, None, baseline=null) is f
+
+
 def test_deterministic_under_seed_and_custom_noise_std():
     f, fo = _emb((3, 8), 6), _emb((3, 8), 7)
     table = _emb((10, 8), 8)
