@@ -499,6 +499,7 @@ def _best(values: dict[str, float], how: str, target: float | None = None) -> se
 
 def metrics_table(metrics: dict, k: int | None = None) -> str:
     """The metrics table (real row last, set apart) and its legend."""
+    k_nn = k  # the loops below reuse the name k for column keys
     names = [n for n in metrics if n != "real"] + (["real"] if "real" in metrics else [])
     modes = sorted({mode for m in metrics.values() for mode in (m.get("downstream") or {})},
                    key=lambda s: ({"synthetic": 0, "mixed": 1, "real": 2}.get(s, 3), s))
@@ -535,7 +536,7 @@ def metrics_table(metrics: dict, k: int | None = None) -> str:
         legend += ("<dt>accuracy · mode <span class=\"dir\">↑</span></dt><dd>Real test accuracy of a ResNet trained "
                    "on the set: <em>synthetic</em> = synthetic images only, <em>mixed</em> = synthetic + real train, "
                    "<em>real</em> = the real train split only (the reference).</dd>")
-    kk = f"k = {k}" if k else "k"
+    kk = f"k = {k_nn}" if k_nn else "k"
     ref = ""
     if real_h is not None:
         ref = (f"<p class=\"note\">Real test split hardness: mean {_num(real_h)}"

@@ -252,3 +252,13 @@ def test_renders_in_headless_chromium(run_dir, tmp_path):
     m = re.search(r'data-probe="(\d+)/(\d+)"', r.stdout)
     assert m, r.stderr[-2000:]
     assert int(m.group(1)) > 10 and m.group(1) == m.group(2)
+
+
+def test_metrics_table_names_the_prdc_k_with_downstream_columns():
+    from factory.report import metrics_table
+
+    row = {"precision": 0.9, "recall": 0.8, "density": 1.0, "coverage": 0.95, "f1_pc": 0.92, "fd": 0.1,
+           "hardness_mean": -100.0, "num_images": 10, "downstream": {"synthetic": 0.9}}
+    page = metrics_table({"cfg": row, "real": {**row, "downstream": {"real": 0.95}}}, k=5)
+    assert "k = 5 nearest" in page
+    assert "90.0 %" in page and "95.0 %" in page
