@@ -6,7 +6,6 @@ calls share one module fixture, since every Ray Train start costs seconds on 2 c
 
 import io
 import os
-import time
 
 import numpy as np
 import pytest
@@ -58,12 +57,8 @@ def real_runs(local_ray, digits, tmp_path_factory):
     """One real-only run: 1 epoch, then resumed to 2 epochs, then called again once finished."""
     train, test = digits
     storage = str(tmp_path_factory.mktemp("train_runs"))
-    runs, seconds = [], []
-    for epochs in (1, 2, 2):
-        t0 = time.perf_counter()
-        runs.append(train_and_evaluate(None, train, test, _cfg(epochs), storage, "real", seed=0))
-        seconds.append(time.perf_counter() - t0)
-    return runs, seconds, os.path.join(storage, "real")
+    runs = [train_and_evaluate(None, train, test, _cfg(epochs), storage, "real", seed=0) for epochs in (1, 2, 2)]
+    return runs, os.path.join(storage, "real")
 
 
 def test_resnet_stem_fits_the_input_size():
@@ -92,7 +87,7 @@ def test_datasets_need_matching_images(digits):
 
 
 def test_real_only_training_beats_chance(real_runs):
-    (_, result, _), _, _ = real_runs
+    (_, result, _), _ = real_runs
     assert result["mode"] == "real" and result["train_images"] == 1347 and result["epochs"] == 2
     assert result["accuracy"] > MIN_ACCURACY, result
     assert result["accuracy"] == result["history"][-1]["test_accuracy"]
@@ -100,7 +95,7 @@ def test_real_only_training_beats_chance(real_runs):
 
 
 def test_rerun_resumes_from_the_latest_checkpoint(real_runs):
-    (first, resumed, _), _, _ = real_runs
+    (first, resumed, _), _ = real_runs
     assert (first["epochs"], first["resumed_from"], first["epochs_trained"]) == (1, 0, 1)
     assert (resumed["epochs"], resumed["resumed_from"], resumed["epochs_trained"]) == (2, 1, 1)
     # epoch 1 comes from the checkpoint, not from training it again
@@ -109,11 +104,10 @@ def test_rerun_resumes_from_the_latest_checkpoint(real_runs):
 
 
 def test_finished_run_is_read_back_without_training(real_runs):
-    (_, resumed, again), seconds, run_dir = real_runs
+    (_, resumed, again), run_dir = real_runs
     assert again["epochs_trained"] == 0 and again["resumed_from"] == 2
     assert {k: v for k, v in again.items() if k not in ("resumed_from", "epochs_trained")} == \
         {k: v for k, v in resumed.items() if k not in ("resumed_from", "epochs_trained")}
-    assert seconds[2] < 5.0, seconds  # no dataset, no worker group
     checkpoints = [d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))]
     assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest only
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,17 +105,15 @@ def test_dmgd_jobs_map_their_classes_to_the_right_imagenet_ids(name, names):
         assert e.name == "ot" and e.params == {"K": 10, "reg": 0.1, "num_iter": 5} and e.window == [0.1, 0.4]
 
 
-def test_the_13m_image_plan_and_estimate_are_instant():
-    t0 = time.perf_counter()
+def test_the_13m_image_plan_and_estimate():
+    # its speed (0.26 s for `factory plan` on this job) is a benchmark figure, not asserted here
     cfg = load_config(_job("imagenet1k_10x_dit"))
     plan = plan_for_config(cfg)
     text = format_estimate(estimate(cfg, plan=plan))
     last = plan.shard(len(plan) - 1)
-    elapsed = time.perf_counter() - t0
     assert plan.num_images == 12_812_000 >= 10 * IMAGENET_TRAIN
     assert (last.label, last.index, last.num_images) == (999, 12, 812)
     assert "12,812,000" in text and "GPU-hours" in text
-    assert elapsed < 2.0, f"planning the 13M-image job took {elapsed:.2f} s"
 
 
 # ------------------------------------------------------------------------------------- the tiny swap
@@ -211,14 +208,10 @@ def test_cluster_job_runs_end_to_end_with_tiny_models(name, tiny_models, local_r
     assert plan_for_config(cfg).num_images == plan_for_config(cfg, train).num_images == 3 * 3 * len(cfg.recipes)
 
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     metrics = run(cfg, str(out), progress=False)
-    elapsed = time.perf_counter() - t0
     for recipe in cfg.recipes:
         assert metrics[recipe]["num_images"] == 9 and set(metrics[recipe]["count_per_class"].values()) == {3}
         assert np.isfinite(metrics[recipe]["fd"])
         assert len(list((out / recipe / "parquet").glob("*.parquet"))) == 6  # 3 classes x 2 shards
         assert len(list((out / recipe / "webdataset").glob("*.tar"))) == 6
     assert (out / "report.html").is_file()
-    print(f"{name}: tiny-swap run in {elapsed:.1f} s")
-    assert elapsed < 60, f"{name}: the tiny-swap run took {elapsed:.0f} s"

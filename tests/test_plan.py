@@ -26,7 +26,7 @@ def test_seeds_are_a_function_of_config_and_shard():
     assert 0 <= shard_seed(5, "x", 0, 0) < 2**63
 
 
-def test_ten_x_imagenet_plan_is_instant():
+def test_ten_x_imagenet_plan():
     t0 = time.perf_counter()
     n = images_per_class(10.0, None, 1_281_167, 1000)
     plan = Plan([RecipePlan("chamfer", n, 1000)], list(range(1000)), [f"n{i:08d}" for i in range(1000)], seed=0)
@@ -182,19 +182,12 @@ def test_cli_plan_bad_config_exits_2(tmp_path, capsys):
     assert "data.num_classes" in capsys.readouterr().err
 
 
-def test_cli_plan_prints_the_13m_image_job_quickly():
-    """`factory plan` on 12.8M images, in a fresh interpreter. The time asserted is the command's own, after
-    the interpreter and the imports cli.main does for every subcommand (factory.bench, hence torch: ~3 s on an
-    idle 2-core box, several times that under load), which are timed and printed separately."""
+def test_cli_plan_prints_the_13m_image_job():
+    """`factory plan` on 12.8M images, in a fresh interpreter (its speed is a benchmark figure:
+    docs/benchmarks.md)."""
     job = str(ROOT / "jobs" / "imagenet1k_10x_dit.yaml")
-    code = ("import time; t0 = time.perf_counter(); import factory.cli, factory.bench; t1 = time.perf_counter(); "
-            f"rc = factory.cli.main(['plan', {job!r}, '--gpu', 'a100']); t2 = time.perf_counter(); "
-            "print(f'@@ {rc} {t1 - t0:.3f} {t2 - t1:.3f}')")
+    code = f"import sys, factory.cli; sys.exit(factory.cli.main(['plan', {job!r}, '--gpu', 'a100']))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    rc, imports, command = proc.stdout.strip().splitlines()[-1].split()[1:]
-    assert rc == "0"
     assert "12,812,000 images" in proc.stdout and "13,000 shards" in proc.stdout and "GPU-hours" in proc.stdout
     assert "ESTIMATED rate" in proc.stdout and "a100" in proc.stdout
-    print(f"factory plan of 12,812,000 images: {float(command):.2f} s, after {float(imports):.1f} s of imports")
-    assert float(command) < 10, f"factory plan took {command} s after the imports"
