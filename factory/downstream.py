@@ -163,7 +163,6 @@ def train_loop(config: dict) -> None:
     """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -182,12 +181,15 @@ def train_loop(config: dict) -> None:
         if name in done and done[name]["epochs"] >= config["epochs"]:
             continue
         resume = state if state and state["current"] == name else None
-        _train_one(config, spec, resume, done, rank, world, device, Checkpoint)
+        _train_one(config, spec, resume, done, rank, world, device)
 
 
-def _train_one(config, spec, state, done, rank, world, device, Checkpoint) -> None:
+def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: int, world: int,
+               device: torch.device) -> None:
+    """Train and judge one classifier; its result joins ``done`` (shared with the caller) at the last epoch."""
     import ray.train
     import ray.train.torch
+    from ray.train import Checkpoint
     import torch.distributed as dist
 
     name = spec["name"]
@@ -324,16 +326,8 @@ def train_and_evaluate_many(
     return out
 
 
-def train_and_evaluate(
-    train_parquet: list[str] | None,
-    real_train: RealSet | None,
-    test: RealSet,
-    cfg: DownstreamConfig,
-    storage_path: str,
-    name: str,
-    seed: int = 0,
-    storage_filesystem=None,
-) -> dict:
+def train_and_evaluate(train_parquet: list[str] | None, real_train: RealSet | None, test: RealSet,
+                       cfg: DownstreamConfig, storage_path: str, name: str, **kwargs) -> dict:
     """Train ``cfg.model`` on Ray Train under ``<storage_path>/<name>`` (resuming it), judge it on ``test``.
 
     One classifier: :func:`train_and_evaluate_many` with a single run. ``resumed_from`` is the checkpoint
@@ -341,5 +335,4 @@ def train_and_evaluate(
     already reached ``cfg.epochs`` is read back from storage without building a dataset or starting a
     worker (``epochs_trained`` = 0).
     """
-    return train_and_evaluate_many([(name, train_parquet, real_train)], test, cfg, storage_path, name, seed,
-                                   storage_filesystem)[name]
+    return train_and_evaluate_many([(name, train_parquet, real_train)], test, cfg, storage_path, name, **kwargs)[name]

@@ -174,10 +174,8 @@ class SyntheticProducer:
         f_y, f_other = backbone.condition(labels), backbone.condition(others)
         std = guidance.embedding_noise_std(table)
         params = dict(params)
-        baseline = params.pop("baseline", "zero")
-        if baseline not in ("zero", "unconditional"):
-            raise ValueError(f"soft_labels.baseline: expected 'zero' or 'unconditional', got {baseline!r}")
-        base = backbone.null_condition(len(labels)) if baseline == "unconditional" else None
+        unconditional = params.pop("baseline", "zero") == "unconditional"  # validated with the config
+        base = backbone.null_condition(len(labels)) if unconditional else None
 
         def condition(i: int, n: int) -> torch.Tensor:
             # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n
