@@ -6,6 +6,29 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+REQUIRE_SYSTEM_DEPS = "FACTORY_REQUIRE_SYSTEM_DEPS"
+
+
+def require_system_package(package: str, present: bool, why: str = "") -> None:
+    """Skip the calling test, naming the Debian ``package`` it needs, when ``present`` is false.
+
+    Under ``FACTORY_REQUIRE_SYSTEM_DEPS=1`` (``.ci/run`` sets it after installing the packages) the test
+    fails instead, so CI runs everything and a missing package cannot pass silently as a skip.
+    """
+    if present:
+        return
+    reason = f"needs Debian's {package!r} (apt-get install {package}){': ' + why if why else ''}"
+    if os.environ.get(REQUIRE_SYSTEM_DEPS, "") not in ("", "0"):
+        pytest.fail(f"{reason}; {REQUIRE_SYSTEM_DEPS} is set, so a missing system package fails", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def system_package():
+    """``system_package(package, present, why)``: :func:`require_system_package` for a test."""
+    return require_system_package
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models and problems run fastest, and least noisily, on one thread of a small shared CPU."""
@@ -31,3 +54,47 @@ def local_ray():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray_env():
+    """S3 settings in the environment before Ray starts, so its workers inherit them."""
+    port = _free_port()
+    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import ray
+
+    if ray.is_initialized():  # workers of an earlier Ray lack the variables
+        ray.shutdown()
+    yield port
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3(local_ray_env):
+    """A real S3-compatible endpoint (moto's server on 127.0.0.1) with the bucket ``factory-test``."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    port = local_ray_env
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client of an earlier module knows an earlier port
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.makedirs("factory-test", exist_ok=True)  # moto's state lives in this process, across servers
+    yield server, port
+    server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -15,12 +15,12 @@ def test_digits_split_is_fixed_and_stratified():
     assert np.array_equal(again.images, train.images)
 
 
-def test_fashion_mnist_from_debian_package():
+def test_fashion_mnist_from_debian_package(system_package):
     try:
         train = load_real("fashion_mnist", "test")
     except DataError as e:
         assert "dataset-fashion-mnist" in str(e)
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+        system_package("dataset-fashion-mnist", False, "the Fashion-MNIST files")
     assert train.images.shape == (10000, 28, 28) and train.class_names[9] == "Ankle boot"
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from factory import embedded as E
-from factory.data import load_real
+from factory.data import DataError, load_real
 
 
 def _tiny_unet(sample_size=8):
@@ -122,13 +122,17 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     assert E.load_unet(tmp_path / "a").config.num_class_embeds == 11
 
 
-def test_packaged_fashion_mnist_checkpoints():
+def test_packaged_fashion_mnist_checkpoints(system_package):
     if not (E.WEIGHTS_DIR / "fashion_mnist" / "unet").is_dir():
         pytest.skip("no packaged fashion_mnist checkpoints")
+    try:
+        test = load_real("fashion_mnist", "test")
+    except DataError as e:
+        assert "dataset-fashion-mnist" in str(e)
+        system_package("dataset-fashion-mnist", False, "the CNN is judged on Fashion-MNIST's test split")
     unet, cnn = E.load_unet("fashion_mnist"), E.load_cnn("fashion_mnist")
     assert unet.config.num_class_embeds == 11 and unet.config.sample_size == 28
     assert E.load_scheduler("fashion_mnist").config.prediction_type == "epsilon"
-    test = load_real("fashion_mnist", "test")
     x, y = torch.from_numpy(test.to_float()[:2000]), torch.from_numpy(test.labels[:2000])
     assert cnn(x[:2]).shape == (2, 128)
     assert E.accuracy(cnn, x, y) >= 0.85

@@ -233,8 +233,8 @@ def _chromium(*args, tmp):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_renders_in_headless_chromium(run_dir, tmp_path):
+def test_renders_in_headless_chromium(run_dir, tmp_path, system_package):
+    system_package("chromium", CHROMIUM is not None, "the report is rendered headless")
     path, _, _, _ = run_dir
     shot = tmp_path / "shot.png"
     r = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars",
