@@ -84,7 +84,7 @@ class FinetuneConfig:
 
 @dataclass
 class RecipeConfig:
-    cfg_scale: float = 2.0  # omega; 1.0 = CFG-free (no unconditional pass)
+    cfg_scale: float = 2.0  # omega >= 1; 1.0 = CFG-free (no unconditional pass); < 1 is rejected
     scale: float = 1.0  # images per class = ceil(scale * train size / classes)
     images_per_class: int | None = None  # overrides scale when set
     energies: list[EnergyConfig] = field(default_factory=list)
@@ -251,7 +251,10 @@ def _check(cfg: Config) -> None:
         if not rname.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{p}: recipe names may hold letters, digits, '-' and '_' only")
         if r.cfg_scale < 1.0:
-            raise ConfigError(f"{p}.cfg_scale: must be >= 1.0 (1.0 = no CFG), got {r.cfg_scale}")
+            # below 1 the CFG formula u + w (c - u) extrapolates away from the class, where diffusers'
+            # pipelines read any w <= 1 as "no CFG": rejected rather than silently meaning either
+            raise ConfigError(f"{p}.cfg_scale: must be >= 1.0 (1.0 = no CFG; a scale below 1 would "
+                              f"extrapolate away from the class, not disable CFG), got {r.cfg_scale}")
         if r.scale <= 0:
             raise ConfigError(f"{p}.scale: must be > 0, got {r.scale}")
         if r.images_per_class is not None and r.images_per_class < 1:

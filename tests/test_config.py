@@ -32,6 +32,16 @@ def test_bad_configs_name_the_problem(data, message):
     assert message in str(e.value)
 
 
+def test_cfg_scale_below_one_exits_2_naming_the_key(capsys):
+    from factory.cli import main
+
+    assert main(["run", "jobs/digits.yaml", "--set", "recipes.lowdensity.cfg_scale=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "recipes.lowdensity.cfg_scale: must be >= 1.0" in err and "got 0.5" in err
+    assert main(["plan", "jobs/digits.yaml", "--set", "recipes.cfg.cfg_scale=0.99"]) == 2
+    assert "recipes.cfg.cfg_scale" in capsys.readouterr().err
+
+
 def test_overrides_parse_yaml_scalars():
     cfg = from_dict({}, parse_overrides(["sampling.steps=7", "executor.num_actors=[2,3]", "recipes.cfg.cfg_scale=1"]))
     assert cfg.sampling.steps == 7 and cfg.executor.num_actors == [2, 3] and cfg.recipes["cfg"].cfg_scale == 1.0
