@@ -29,6 +29,7 @@ class DataConfig:
     # the data (an ImageNet train split need not be read to plan a run). A run counts what it reads.
     num_classes: int | None = None  # classes of the real set (all of them, not only data.classes)
     train_size: int | None = None  # images in its train split (what a recipe's scale multiplies)
+    image_size: int | None = None  # side of its (square) images in px: the storage estimate's resolution
 
 
 @dataclass
@@ -107,6 +108,8 @@ class ExecutorConfig:
 @dataclass
 class OutputConfig:
     formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
+    codec: str = "png"  # png | jpeg | webp: how each image is encoded
+    quality: int = 90  # 1-100, for jpeg and webp (png is lossless and ignores it)
 
 
 @dataclass
@@ -151,6 +154,7 @@ FEATURE_SPACES = ("cnn", "dinov2", "clip")
 ENERGIES = ("chamfer", "ot", "lowdensity")
 NORMALIZATIONS = ("none", "l2", "linf", "latent")
 FORMATS = ("parquet", "webdataset")
+CODECS = ("png", "jpeg", "webp")
 DATA_SOURCES = ("digits", "fashion_mnist", "imagefolder", "parquet", "webdataset")
 
 
@@ -219,7 +223,7 @@ def _check(cfg: Config) -> None:
     _one_of(cfg.data.source, DATA_SOURCES, "data.source")
     _one_of(cfg.backbone.name, BACKBONES, "backbone.name")
     _one_of(cfg.features.name, FEATURE_SPACES, "features.name")
-    for key in ("num_classes", "train_size"):
+    for key in ("num_classes", "train_size", "image_size"):
         if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
     if cfg.data.classes is not None and cfg.data.num_classes is not None and len(cfg.data.classes) > cfg.data.num_classes:
@@ -238,6 +242,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("output.formats: at least one format is needed")
     for i, f in enumerate(cfg.output.formats):
         _one_of(f, FORMATS, f"output.formats[{i}]")
+    _one_of(cfg.output.codec, CODECS, "output.codec")
+    if not 1 <= cfg.output.quality <= 100:
+        raise ConfigError(f"output.quality: must be in 1..100, got {cfg.output.quality}")
     for i, mode in enumerate(cfg.downstream.train_on):
         _one_of(mode, ("synthetic", "real", "mixed"), f"downstream.train_on[{i}]")
     if cfg.downstream.epochs < 1 or cfg.downstream.num_workers < 1 or cfg.downstream.batch_size < 1:

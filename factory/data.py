@@ -8,8 +8,9 @@ int64 labels, and the class names indexed by label. Splits are fixed:
 - ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` files (its own 60k/10k split).
 - ``imagefolder``: ``root/<split>/<class_name>/*.png|jpg`` (or ``root/<class_name>/...`` when the
   root has no split folders), local or on object storage through fsspec.
-- ``parquet`` / ``webdataset``: shards in the factory's own layout (``image`` PNG bytes + ``label``
-  + ``class_name``), local or remote, as written by ``factory run`` or any compatible tool.
+- ``parquet`` / ``webdataset``: shards in the factory's own layout (``image``: PNG, JPEG or WebP, as the
+  ``datasets`` Image struct or plain bytes, + ``label`` + ``class_name``), local or remote, as written by
+  ``factory run`` or any compatible tool.
 """
 
 from __future__ import annotations
@@ -114,8 +115,20 @@ def _fashion_mnist(split: str, root: str) -> RealSet:
     return RealSet(images, labels, list(FASHION_MNIST_CLASSES), "L")
 
 
-def decode_image(data: bytes, what: str) -> Image.Image:
-    """Decode image bytes, naming ``what`` in the error when they are not a readable image."""
+def image_bytes(value) -> bytes:
+    """The encoded bytes of one ``image`` value of a Parquet set: the ``datasets`` Image struct
+    ``{bytes, path}`` (what the factory writes) or plain binary (older shards, other tools)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is None:
+            raise DataError(f"image value without bytes (path {value.get('path')!r}): only embedded images are read")
+        return value["bytes"]
+    return value
+
+
+def decode_image(data, what: str) -> Image.Image:
+    """Decode image bytes (or an Image struct, see :func:`image_bytes`), naming ``what`` in the error when
+    they are not a readable image."""
+    data = image_bytes(data)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

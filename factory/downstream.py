@@ -48,7 +48,8 @@ def resnet(name: str, num_classes: int, in_channels: int, image_size: int) -> nn
 
 
 def decode_png(batch: dict, mode: str, size: tuple[int, int]) -> dict:
-    """``map_batches`` step: PNG bytes -> uint8 arrays (B, H, W[, 3]) in the test set's mode and size."""
+    """``map_batches`` step: encoded images (PNG, JPEG or WebP; the Image struct or plain bytes) -> uint8 arrays
+    (B, H, W[, 3]) in the test set's mode and size."""
     images = []
     for data in batch["image"]:
         img = decode_image(data, "downstream training shard").convert(mode)

@@ -1,8 +1,9 @@
 """The shard producer: where the data plane meets diffusion. One instance per actor, one call per shard.
 
 ``SyntheticProducer(config)(shard)`` samples the shard's images with the recipe's guidance and returns
-its records (PNG bytes at the real set's size and mode, label, class name, seed). The content is a
-function of (config, shard) alone: the initial noise comes from a generator seeded by the shard's seed,
+its records (image bytes in ``output.codec`` at the real set's size and mode, label, class name, seed, and
+the real set's class names for the Parquet ClassLabel). The content is a function of (config, shard)
+alone: the initial noise comes from a generator seeded by the shard's seed,
 torch runs on a fixed number of threads, and the energies are built from the train split with seeds
 derived from the run seed.
 """
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from factory.backbones import load_backbone, load_features
-from factory.config import Config, EnergyConfig, from_dict
+from factory.config import CODECS, Config, EnergyConfig, from_dict
 from factory.data import load_real
 from factory.plan import Shard, shard_seed
 from factory.sampler import Guidance, sample
@@ -28,9 +29,19 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def encode_image(array: np.ndarray, codec: str = "png", quality: int = 90) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG, JPEG or WebP bytes (``quality`` 1-100 for the lossy two), with fixed
+    encoder settings and no metadata, so the same array always gives the same bytes."""
+    img = Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
     buf = io.BytesIO()
-    Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB").save(buf, format="PNG", compress_level=6)
+    if codec == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif codec == "jpeg":
+        img.save(buf, format="JPEG", quality=quality, optimize=True, progressive=False, subsampling="4:2:0")
+    elif codec == "webp":
+        img.save(buf, format="WEBP", quality=quality, method=4, lossless=False, exact=False)
+    else:
+        raise ValueError(f"unknown image codec {codec!r}; expected one of {', '.join(CODECS)}")
     return buf.getvalue()
 
 
@@ -222,8 +233,10 @@ class SyntheticProducer:
 
     def __call__(self, shard: Shard) -> list[dict]:
         arrays = to_uint8(self.sample_shard(shard))
+        out = self.cfg.output
+        names = list(self.train.class_names)  # the Parquet ClassLabel's names: all of the real set's
         return [
-            {"key": shard.key(i), "image": png_bytes(a), "label": shard.label,
-             "class_name": shard.class_name, "seed": shard.seed}
+            {"key": shard.key(i), "image": encode_image(a, out.codec, out.quality), "label": shard.label,
+             "class_name": shard.class_name, "seed": shard.seed, "class_names": names}
             for i, a in enumerate(arrays)
         ]

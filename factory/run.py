@@ -65,15 +65,17 @@ def build_plan(cfg: Config, train: RealSet) -> Plan:
     return Plan(recipes, labels, train.class_names, cfg.seed)
 
 
-def read_recipe(sink: ShardSink, recipe: str) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8) and labels a recipe's Parquet shards hold, in shard order."""
+def read_recipe(sink: ShardSink, recipe: str, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8, converted to ``mode`` when given: WebP has no grey mode) and labels a recipe's
+    Parquet shards hold, in shard order."""
     import pyarrow.parquet as pq
 
     images, labels = [], []
     for path in sink.shard_files(recipe, "parquet"):
         table = pq.read_table(path, filesystem=sink.fs, columns=["key", "image", "label"])
         for key, img, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-            images.append(np.asarray(decode_image(img, f"{path}:{key}")))
+            im = decode_image(img, f"{path}:{key}")
+            images.append(np.asarray(im.convert(mode) if mode else im))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
@@ -99,7 +101,7 @@ def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test
     real_keep = np.isin(train.labels, plan.labels)
     sets = {"real": (train.images[real_keep], train.labels[real_keep])}
     for rp in plan.recipes:
-        sets[rp.recipe] = read_recipe(sink, rp.recipe)
+        sets[rp.recipe] = read_recipe(sink, rp.recipe, train.mode)
     for name, (images, labels) in sets.items():
         feats = embed(features, _as_float(images))
         m = metrics.summary(test_feats, test_labels, feats, torch.from_numpy(labels), gaussian, k=cfg.eval.k)
@@ -130,6 +132,11 @@ def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | 
     if fake.size != train.size:
         raise DataError(f"{root}: images are {fake.size[1]}x{fake.size[0]}, the real set's are "
                         f"{train.size[1]}x{train.size[0]}")
+    if fake.mode != train.mode:  # e.g. WebP, which has no grey mode, of a grey set
+        from PIL import Image
+
+        fake.images = np.stack([np.asarray(Image.fromarray(a).convert(train.mode)) for a in fake.images])
+        fake.mode = train.mode
     labels = np.asarray([train.class_names.index(fake.class_names[i]) for i in fake.labels], dtype=np.int64)
     features = build_features(cfg)
     train_feats = embed(features, _as_float(train.images))
@@ -217,6 +224,7 @@ def provenance(cfg: Config, output: str, wall: dict) -> dict:
 def run(cfg: Config, output: str, progress: bool = True) -> dict:
     """Make every pending shard of ``cfg`` under ``output``, then write metrics.json and report.html."""
     from factory.generate import SyntheticProducer
+    from factory.card import write_cards
     from factory.report import write_report
 
     t_start = time.perf_counter()
@@ -260,4 +268,5 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())
     sink.put(f"{sink.root}/run.json", json.dumps(prov, indent=1, sort_keys=True, default=str).encode())
     write_report(sink, plan, metrics, prov)
+    write_cards(cfg, sink, plan, metrics, prov)  # <output>/<recipe>/README.md: load_dataset(<output>/<recipe>)
     return metrics

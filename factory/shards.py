@@ -2,14 +2,19 @@
 
 Layout under the run's output URI::
 
-    <output>/<recipe>/parquet/<shard>.parquet     key, image (PNG bytes), label, class_name, seed
-    <output>/<recipe>/webdataset/<shard>.tar      <key>.png, <key>.cls, <key>.json
+    <output>/<recipe>/parquet/<shard>.parquet     key, image {bytes, path}, label, class_name, seed
+    <output>/<recipe>/webdataset/<shard>.tar      <key>.png|jpg|webp, <key>.cls, <key>.json
     <output>/<recipe>/_stats/<shard>.json         written last: the shard's completion marker
 
 No partial object ever appears under a final name: on a local disk a file is written to a temporary
 name in the same folder and renamed; on object storage it is one PUT (an object appears whole or not
 at all). A shard whose stats file exists is complete, and a rerun skips it without touching its files.
 This module knows nothing of diffusion: a shard's content arrives as records.
+
+The Parquet files are Hugging Face ``datasets``-native: ``image`` is the ``datasets`` Image struct
+``{bytes, path}`` and ``label`` a ClassLabel over the real set's class names, both declared in the schema's
+``huggingface`` metadata (written with pyarrow; ``datasets`` is not needed to write or read them), so
+``datasets.load_dataset("parquet", ...)`` yields PIL images and ``features["label"].names``.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage
 PARQUET_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
-        ("image", pa.binary()),
+        ("image", IMAGE_TYPE),
         ("label", pa.int64()),
         ("class_name", pa.string()),
         ("seed", pa.int64()),
@@ -40,23 +46,56 @@ SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 WDS_MTIME = 0  # fixed tar member mtime: the same records give the same bytes
 
 
-def encode_parquet(records: list[dict]) -> bytes:
-    table = pa.Table.from_pylist(
-        [{k: r[k] for k in PARQUET_SCHEMA.names} for r in records], schema=PARQUET_SCHEMA
-    )
+def image_extension(data: bytes) -> str:
+    """The file extension of encoded image bytes (``png``, ``jpg`` or ``webp``) from their magic number;
+    ``png`` for anything else (the factory's default codec)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "png"
+
+
+def hf_features(class_names: list[str] | None = None) -> dict:
+    """The ``datasets`` features of our Parquet columns, as ``datasets.Features.to_dict()`` writes them:
+    ``label`` is a ClassLabel when the class names (all of the real set's, in label order) are known."""
+    label = ({"names": [str(n) for n in class_names], "_type": "ClassLabel"} if class_names is not None
+             else {"dtype": "int64", "_type": "Value"})
+    return {"key": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}, "label": label,
+            "class_name": {"dtype": "string", "_type": "Value"}, "seed": {"dtype": "int64", "_type": "Value"}}
+
+
+def parquet_schema(class_names: list[str] | None = None) -> pa.Schema:
+    """PARQUET_SCHEMA with the ``huggingface`` metadata ``datasets`` reads its features from."""
+    meta = {"info": {"features": hf_features(class_names)}}
+    return PARQUET_SCHEMA.with_metadata({"huggingface": json.dumps(meta)})
+
+
+def encode_parquet(records: list[dict], class_names: list[str] | None = None) -> bytes:
+    """One Parquet file of ``records`` (``image``: encoded bytes). ``class_names``: the real set's, in label
+    order, for the ClassLabel; else the records' optional ``class_names`` (the producer's), else none."""
+    if class_names is None and records:
+        class_names = records[0].get("class_names")
+    rows = []
+    for r in records:
+        row = {k: r[k] for k in PARQUET_SCHEMA.names}
+        row["image"] = {"bytes": r["image"], "path": f"{r['key']}.{image_extension(r['image'])}"}
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=parquet_schema(class_names))
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
 
 
-def encode_webdataset(records: list[dict]) -> bytes:
-    """A WebDataset tar: per sample ``{key}.png``, ``{key}.cls`` and ``{key}.json``, in record order."""
+def encode_webdataset(records: list[dict], class_names: list[str] | None = None) -> bytes:
+    """A WebDataset tar: per sample ``{key}.png`` (``.jpg``, ``.webp``: the image's codec), ``{key}.cls`` and
+    ``{key}.json``, in record order. ``class_names`` is accepted for symmetry with :func:`encode_parquet`."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for r in records:
             meta = {"key": r["key"], "label": r["label"], "class_name": r["class_name"], "seed": r["seed"]}
             for ext, data in (
-                ("png", r["image"]),
+                (image_extension(r["image"]), r["image"]),
                 ("cls", str(r["label"]).encode()),
                 ("json", json.dumps(meta, sort_keys=True).encode()),
             ):
@@ -73,9 +112,11 @@ ENCODERS = {"parquet": encode_parquet, "webdataset": encode_webdataset}
 class ShardSink:
     """Writes and finds the shards of one run under ``output`` (a local path or an fsspec URI)."""
 
-    def __init__(self, output: str, formats: list[str], storage_options: dict | None = None):
+    def __init__(self, output: str, formats: list[str], storage_options: dict | None = None,
+                 class_names: list[str] | None = None):
         self.output = output.rstrip("/")
         self.formats = list(formats)
+        self.class_names = None if class_names is None else list(class_names)  # for the Parquet ClassLabel
         self.fs, self.root = fsspec.core.url_to_fs(self.output, **(storage_options or {}))
         self.local = isinstance(self.fs, LocalFileSystem)
         self.retries = 6
@@ -136,7 +177,7 @@ class ShardSink:
         """Write every format of one shard, then its stats file; returns the stats written."""
         files = {}
         for kind in self.formats:
-            data = ENCODERS[kind](records)
+            data = ENCODERS[kind](records, self.class_names)
             self.put(self.path(recipe, kind, name), data)
             files[kind] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         stats = {**stats, "recipe": recipe, "shard": name, "num_images": len(records), "files": files}

@@ -34,7 +34,7 @@ def test_commit_reads_back_with_stock_libraries(tmp_path):
     assert sink.completed("cfg") == {"c00001-s00000"} and sink.is_complete("cfg", "c00001-s00000")
     table = pq.read_table(tmp_path / "cfg/parquet/c00001-s00000.parquet")
     assert table.column_names == ["key", "image", "label", "class_name", "seed"]
-    assert table.column("image").to_pylist()[2] == records[2]["image"]
+    assert table.column("image").to_pylist()[2] == {"bytes": records[2]["image"], "path": f"{records[2]['key']}.png"}
     samples = list(wds.WebDataset(str(tmp_path / "cfg/webdataset/c00001-s00000.tar"), shardshuffle=False)
                    .decode("pil").to_tuple("__key__", "png", "cls", "json"))
     assert [s[0] for s in samples] == [r["key"] for r in records]
