@@ -318,7 +318,8 @@ def _guided_step(backbone, scheduler, features, guidance, x, cond, null, t, i, c
     with torch.enable_grad() if grad_through == "model" else torch.no_grad():
         xg = x.detach().requires_grad_(True)
         x_in = scheduler.scale_model_input(xg, t) if hasattr(scheduler, "scale_model_input") else xg
-        out = _predict(backbone, x_in, t, cond, null, cfg_scale)
+        # FlopCounterMode's module hooks cannot take the leaf itself (CFG-free, unscaled input): a view
+        out = _predict(backbone, x_in.view_as(x_in), t, cond, null, cfg_scale)
     if grad_through == "x0":
         out = out.detach()
     with torch.enable_grad():
@@ -343,9 +344,7 @@ def flop_breakdown(backbone, features, guidance, labels, steps, cfg_scale, grad_
     n = len(timesteps)
     guided = [i for i in range(n) if any(g.active(i, n) for g in guidance)]
     batch = labels.shape[0]
-    x = torch.randn(backbone.noise_shape(batch))  # on the CPU, as the sampler does
-    if getattr(backbone, "device", torch.device("cpu")).type == "meta":  # --flops-only
-        x = x.to("meta")
+    x = torch.randn(backbone.noise_shape(batch)).to(getattr(backbone, "device", "cpu"))  # as the sampler does
     cond = backbone.condition(labels)
     null = backbone.null_condition(batch) if cfg_scale != 1.0 else None
     i = guided[0] if guided else 0
@@ -396,6 +395,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--flops-only", action="store_true",
                         help="build on the meta device and count FLOPs only (no timing; full size without a GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--suite", choices=("gpu",), default=None,
+                        help="run the whole grid (backbones x plain CFG / Chamfer CFG-free / + tiny decoder / OT "
+                             "window, eager then compiled) in one process; --size tiny on a CPU")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="the suite's time budget: rows past it skip")
+    parser.add_argument("--suite-backbones", default=None, help="comma-separated subset of the suite's backbones")
+    parser.add_argument("--out", default=None, help="folder for the suite's suite.jsonl and suite.md")
     return parser
 
 
@@ -429,7 +434,7 @@ def _energies(kind: str, features, probe: torch.Tensor, every: int | None, seed:
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        refs = features((torch.rand(probe.shape, generator=g) * 2 - 1).to(probe.device))
+        refs = features((torch.rand(probe.shape, generator=g) * 2 - 1).to(probe.device))  # on the device
     if kind == "chamfer":
         return [Guidance(ChamferEnergy(refs), weight=1.0, every=every or 5, name="chamfer")]
     lo, hi = DMGD_OT_WINDOW  # in t / T (1 = noise); the sampler's window is in i / steps (0 = noise)
@@ -443,14 +448,85 @@ def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def measure(backbone, features, guidance: list[Guidance], *, batch: int, steps: int, cfg_scale: float,
+            grad_through: str, warmup: int = 1, repeats: int = 1, seed: int = 0, flops_only: bool = False) -> dict:
+    """Time ``warmup`` + ``repeats`` sampling batches on the backbone's device and count their FLOPs by part."""
+    device = getattr(backbone, "device", torch.device("cpu"))
+    labels = torch.arange(batch) % getattr(backbone, "num_classes", 10)
+
+    def run(s):
+        return sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(s), steps,
+                      cfg_scale=cfg_scale, guidance=guidance, features=features if guidance else None,
+                      grad_through=grad_through)
+
+    out = {}
+    if not flops_only:
+        t0 = time.perf_counter()
+        for r in range(warmup):  # kernels, autotuning and the allocator: a short batch warms every path
+            sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(seed + 1000 + r),
+                   min(steps, 5), cfg_scale=cfg_scale, guidance=guidance, features=features if guidance else None,
+                   grad_through=grad_through)
+        _sync(device)
+        out["warmup_s"] = round(time.perf_counter() - t0, 2)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for r in range(repeats):
+            result = run(seed + r)
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if not torch.isfinite(result.images).all():
+            raise FloatingPointError("bench sampling produced NaN or Inf")
+        out["img_per_s"] = batch * repeats / elapsed
+        if device.type == "cuda":
+            out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    flops = flop_breakdown(backbone, features, guidance, labels, steps, cfg_scale, grad_through)
+    out["flops"] = flops
+    return out
+
+
+def _row(args, backbone, features, feat_name, batch, m: dict, device_name: str, build_s: float) -> dict:
+    import diffusers
+
+    flops = m["flops"]
+    tflops_per_img = flops["flops_per_batch"]["total"] / batch / 1e12
+    out = {
+        "backbone": args.backbone, "size": args.size, "guidance": args.guidance, "features": feat_name,
+        "batch": batch, "steps": flops["steps"], "guided_steps": flops["guided_steps"],
+        "cfg_scale": args.cfg_scale, "grad_through": args.grad_through, "guidance_decoder": args.guidance_decoder,
+        "dtype": {v: k for k, v in DTYPES.items()}[getattr(backbone, "dtype", torch.float32)],
+        "compile": bool(args.compile), "resolution": list(getattr(backbone, "resolution", ())) or None,
+        "img_per_s": None, "sec_per_img": None,
+        "tflops_per_img": _sig(tflops_per_img),
+        "tflops_per_img_by_part": {k: _sig(v / batch / 1e12) for k, v in flops["flops_per_batch"].items()
+                                   if k != "total"},
+        "achieved_tflops": None,
+        "device": device_name, "build_s": round(build_s, 2),
+        "params_m": {k: round(sum(p.numel() for p in mod.parameters()) / 1e6, 3)
+                     for k, mod in {**backbone.modules(), "features": features}.items()},
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+    }
+    if "img_per_s" in m:
+        ips = m["img_per_s"]
+        out.update({"img_per_s": _sig(ips), "sec_per_img": _sig(1 / ips), "achieved_tflops": _sig(tflops_per_img * ips),
+                    "warmup_s": m["warmup_s"]})
+        if "peak_mem_gib" in m:
+            out["peak_mem_gib"] = m["peak_mem_gib"]
+        peak = peak_tflops(device_name) if device_name.startswith("NVIDIA") or "H100" in device_name else None
+        if peak:
+            out["peak_tflops_bf16_dense"] = peak
+            out["mfu"] = _sig(tflops_per_img * ips / peak)
+    return out
+
+
 def run_bench(args) -> dict:
     """Run the bench described by ``args`` (from :func:`add_arguments`); print and return one JSON dict.
 
     With ``--flops-only`` the models are built on the meta device (no memory, no compute) and only the
     FLOP counts are reported: the way to get full-size numbers on a machine without a GPU.
     """
-    import diffusers
-
+    if getattr(args, "suite", None):
+        return run_suite(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     flops_only = bool(getattr(args, "flops_only", False))
@@ -467,65 +543,172 @@ def run_bench(args) -> dict:
                               guidance_decoder=args.guidance_decoder, seed=args.seed, **extra)
     features = build_features(feat_name, args.size, device=device, dtype=dtype,
                               gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
-    with torch.no_grad():
-        probe = backbone.decode(torch.zeros(backbone.noise_shape(1), device="meta" if flops_only else "cpu"))
-    guidance = _energies(args.guidance, features, probe.expand(16, -1, -1, -1), args.every, args.seed)
+    guidance = _energies(args.guidance, features, _probe(backbone, flops_only), args.every, args.seed)
     if args.compile and not flops_only:
         backbone.compile() if hasattr(backbone, "compile") else backbone.unet.compile()
         features.compile()
     build_s = time.perf_counter() - t0
-    labels = torch.arange(batch) % getattr(backbone, "num_classes", 10)
-
-    def run(seed):
-        return sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(seed), steps,
-                      cfg_scale=args.cfg_scale, guidance=guidance, features=features if guidance else None,
-                      grad_through=args.grad_through)
-
-    timing = {}
-    if not flops_only:
-        t0 = time.perf_counter()
-        for r in range(args.warmup):
-            run(args.seed + 1000 + r)
-        _sync(device)
-        warmup_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for r in range(args.repeats):
-            result = run(args.seed + r)
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-        if not torch.isfinite(result.images).all():
-            raise FloatingPointError("bench sampling produced NaN or Inf")
-        timing = {"img_per_s": batch * args.repeats / elapsed, "warmup_s": warmup_s}
-
-    flops = flop_breakdown(backbone, features, guidance, labels, steps, args.cfg_scale, args.grad_through)
-    tflops_per_img = flops["flops_per_batch"]["total"] / batch / 1e12
+    m = measure(backbone, features, guidance, batch=batch, steps=steps, cfg_scale=args.cfg_scale,
+                grad_through=args.grad_through, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                flops_only=flops_only)
     name = "meta (FLOPs only)" if flops_only else _device_name(device)
-    out = {
-        "backbone": args.backbone, "size": args.size, "guidance": args.guidance, "features": feat_name,
-        "batch": batch, "steps": flops["steps"], "guided_steps": flops["guided_steps"],
-        "cfg_scale": args.cfg_scale, "grad_through": args.grad_through, "guidance_decoder": args.guidance_decoder,
-        "dtype": {v: k for k, v in DTYPES.items()}[getattr(backbone, "dtype", dtype)],
-        "compile": bool(args.compile), "resolution": list(getattr(backbone, "resolution", probe.shape[-2:])),
-        "img_per_s": None, "sec_per_img": None,
-        "tflops_per_img": _sig(tflops_per_img),
-        "tflops_per_img_by_part": {k: _sig(v / batch / 1e12) for k, v in flops["flops_per_batch"].items()
-                                   if k != "total"},
-        "achieved_tflops": None,
-        "device": name, "build_s": round(build_s, 2),
-        "params_m": {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)
-                     for k, m in {**backbone.modules(), "features": features}.items()},
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-    }
-    if timing:
-        ips = timing["img_per_s"]
-        out.update({"img_per_s": _sig(ips), "sec_per_img": _sig(1 / ips), "achieved_tflops": _sig(tflops_per_img * ips),
-                    "warmup_s": round(timing["warmup_s"], 2)})
-        peak = peak_tflops(name) if device.type == "cuda" else None
-        if peak:
-            out["peak_tflops_bf16_dense"] = peak
-            out["mfu"] = _sig(tflops_per_img * ips / peak)
+    out = _row(args, backbone, features, feat_name, batch, m, name, build_s)
+    if out["resolution"] is None:
+        out["resolution"] = list(_probe(backbone, flops_only).shape[-2:])
     print(json.dumps(out), flush=True)
     return out
+
+
+def _probe(backbone, flops_only: bool = False) -> torch.Tensor:
+    """16 decoded images' worth of shape, on the backbone's device: what the bench's references look like."""
+    device = "meta" if flops_only else getattr(backbone, "device", "cpu")
+    with torch.no_grad():
+        probe = backbone.decode(torch.zeros(backbone.noise_shape(1), device=device))
+    return probe.expand(16, -1, -1, -1)
+
+
+# ----------------------------------------------------------------------------- the GPU suite
+
+# The grid: each backbone at its native resolution and a batch that fills an H100 without checkpointing,
+# and the four ways the factory samples. Plain CFG at the papers' scales; Chamfer CFG-free (paper 000's
+# cheaper mode), with the VAE or the tiny decoder on the guidance path; DMGD's OT term in its window.
+SUITE_BACKBONES = {  # name: (batch full, batch tiny, steps, cfg scale)
+    "dit-xl-2": (32, 4, 50, 4.0),
+    "sd15": (16, 4, 25, 7.5),
+    "sd35m": (4, 2, 25, 5.0),
+}
+SUITE_MODES = {  # mode: (guidance, cfg on?, guidance decoder)
+    "cfg": ("none", True, "vae"),
+    "chamfer-cfg-free": ("chamfer", False, "vae"),
+    "chamfer-cfg-free-taesd": ("chamfer", False, "tiny"),
+    "ot-window": ("ot", True, "vae"),
+}
+
+SUITE_COMPILED_MODES = ("cfg", "chamfer-cfg-free-taesd")  # the pair the speed targets compare
+
+
+def _suite_table(rows: list[dict]) -> str:
+    head = ("| backbone | mode | compile | batch | steps (guided) | img/s | s/img | TFLOP/img | achieved TFLOP/s "
+            "| MFU | peak GiB | wall vs cfg |")
+    lines = [head, "|" + "---|" * 12]
+    base = {(r["backbone"], r["compile"]): r["sec_per_img"] for r in rows if r.get("mode") == "cfg" and r.get("sec_per_img")}
+    for r in rows:
+        if r.get("skipped") or r.get("error"):
+            lines.append(f"| {r['backbone']} | {r['mode']} | {r.get('compile', False)} | | | "
+                         f"{'skipped: ' + r['skipped'] if r.get('skipped') else 'error: ' + r['error'][:80]} | | | | | | |")
+            continue
+        b = base.get((r["backbone"], r["compile"]))
+        ratio = f"{r['sec_per_img'] / b:.2f}x" if b and r["sec_per_img"] else ""
+        lines.append(
+            f"| {r['backbone']} | {r['mode']} | {r['compile']} | {r['batch']} | {r['steps']} ({r['guided_steps']}) | "
+            f"{r['img_per_s']} | {r['sec_per_img']} | {r['tflops_per_img']} | {r['achieved_tflops']} | "
+            f"{r.get('mfu', '')} | {r.get('peak_mem_gib', '')} | {ratio} |")
+    return "\n".join(lines)
+
+
+def run_suite(args) -> dict:
+    """``factory bench --suite gpu``: the whole grid in one process, each backbone built once, within a budget.
+
+    Rows run in priority order (eager first, then compiled where time is left); a row is skipped, and
+    says so, when the time it is expected to take (its backbone's last row, else a guess) would pass
+    ``--budget-s``. An out-of-memory row retries once at half the batch. JSON lines go to stdout (and
+    ``--out``/suite.jsonl), the markdown table last (and ``--out``/suite.md).
+    """
+    import argparse as _argparse
+    import os
+
+    t_start = time.perf_counter()
+    budget = float(args.budget_s)
+    device = resolve_device(args.device)
+    size = args.size
+    dtype = resolve_dtype(args.dtype, device)
+    backbones = args.suite_backbones.split(",") if getattr(args, "suite_backbones", None) else list(SUITE_BACKBONES)
+    compile_options = (False, True) if (args.compile or device.type == "cuda") else (False,)
+    out_dir = getattr(args, "out", None)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    rows: list[dict] = []
+    features = build_features("dinov2", size, device=device, dtype=dtype, seed=args.seed)
+    device_name = _device_name(device)
+
+    def left() -> float:
+        return budget - (time.perf_counter() - t_start)
+
+    def emit(row):
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out_dir:
+            with open(os.path.join(out_dir, "suite.jsonl"), "a") as f:
+                f.write(line + "\n")
+
+    for compiled in compile_options:
+        for name in backbones:
+            batch_full, batch_tiny, steps, cfg = SUITE_BACKBONES[name]
+            batch = args.batch or (batch_full if size == "full" else batch_tiny)
+            steps = args.steps or (steps if size == "full" else 3)
+            last = [r for r in rows if r["backbone"] == name and r.get("row_s")]
+            guess = (max(r["row_s"] for r in last) * (2.0 if compiled else 1.0)) if last else 0.0
+            if left() < guess + 10:
+                emit({"backbone": name, "mode": "*", "compile": compiled, "skipped": f"budget ({left():.0f} s left)"})
+                continue
+            t0 = time.perf_counter()
+            try:
+                backbone = build_backbone(name, size, device=device, dtype=dtype, guidance_decoder="tiny",
+                                          seed=args.seed)
+            except torch.cuda.OutOfMemoryError as e:
+                emit({"backbone": name, "mode": "*", "compile": compiled, "error": f"build: {e}"})
+                continue
+            if compiled:
+                backbone.compile()
+                features.compile()
+            build_s = time.perf_counter() - t0
+            probe = _probe(backbone)
+            for mode, (guidance_kind, with_cfg, decoder) in SUITE_MODES.items():
+                if compiled and mode not in SUITE_COMPILED_MODES:
+                    continue
+                prior = [r["row_s"] for r in rows if r["backbone"] == name and r.get("row_s")]
+                if prior and left() < max(prior) + 5:
+                    emit({"backbone": name, "mode": mode, "compile": compiled, "skipped": f"budget ({left():.0f} s left)"})
+                    continue
+                backbone.guidance_decoder = decoder
+                guidance = _energies(guidance_kind, features, probe, None, args.seed)
+                cfg_scale = cfg if with_cfg else 1.0
+                row_args = _argparse.Namespace(backbone=name, size=size, guidance=guidance_kind, cfg_scale=cfg_scale,
+                                               grad_through=args.grad_through, guidance_decoder=decoder,
+                                               compile=compiled)
+                b = batch
+                t_row = time.perf_counter()
+                for attempt in range(2):
+                    try:
+                        m = measure(backbone, features, guidance, batch=b, steps=steps, cfg_scale=cfg_scale,
+                                    grad_through=args.grad_through, warmup=args.warmup, repeats=args.repeats,
+                                    seed=args.seed)
+                        row = _row(row_args, backbone, features, "dinov2", b, m, device_name, build_s)
+                        break
+                    except torch.cuda.OutOfMemoryError as e:
+                        torch.cuda.empty_cache()
+                        if attempt or b == 1:
+                            row = {"error": f"out of memory at batch {b}: {str(e)[:120]}"}
+                            break
+                        b = max(1, b // 2)
+                    except Exception as e:  # one broken row (a compile failure, say) must not cost the grid
+                        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        break
+                row.update({"backbone": name, "mode": mode, "compile": compiled,
+                            "row_s": round(time.perf_counter() - t_row, 1)})
+                emit(row)
+            del backbone
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    table = _suite_table(rows)
+    print(table, flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "suite.md"), "w") as f:
+            f.write(f"{device_name}, torch {torch.__version__}, {size} size, budget {budget:.0f} s, "
+                    f"wall {time.perf_counter() - t_start:.0f} s\n\n{table}\n")
+    return {"suite": args.suite, "device": device_name, "rows": rows,
+            "wall_s": round(time.perf_counter() - t_start, 1)}
 
 
 def main(argv=None) -> dict:

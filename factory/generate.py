@@ -24,8 +24,10 @@ from factory.sampler import Guidance, sample
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Pixels in [-1, 1], (B, C, H, W) -> uint8 (B, H, W) for one channel, (B, H, W, 3) for three."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """Pixels in [-1, 1], (B, C, H, W) -> uint8 (B, H, W) for one channel, (B, H, W, 3) for three.
+
+    Quantised where the images are (the GPU): only uint8 crosses to the host."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
@@ -113,7 +115,7 @@ class SyntheticProducer:
         p = dict(e.params)
         if e.name == "chamfer":
             refs = guidance.select_references(feats, int(p.pop("k", 32)), seed)
-            return guidance.ChamferEnergy(refs, **p)
+            return guidance.ChamferEnergy(refs.to(self.backbone.device), **p)  # where the sampler's features are
         if e.name == "ot":
             support, masses = guidance.kmeans_support(feats, K=int(p.pop("K", 10)), seed=seed % 2**31)
             n = self._images_per_class(recipe)
@@ -161,8 +163,8 @@ class SyntheticProducer:
                                 cfg_scale=r.cfg_scale, eta=self.cfg.sampling.eta).images
                 fakes.append(embed(self.features, images))
             disc = guidance.FeatureDiscriminator(self.train_features.shape[1])
-            disc.fit(self.train_features, torch.cat(fakes), seed=self.cfg.seed)
-            self._guidance[key] = disc.eval().requires_grad_(False)
+            disc.fit(self.train_features, torch.cat(fakes).cpu(), seed=self.cfg.seed)
+            self._guidance[key] = disc.to(self.backbone.device).eval().requires_grad_(False)
         return self._guidance[key]
 
     def guidance_for(self, shard: Shard) -> list[Guidance]:

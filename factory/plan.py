@@ -190,7 +190,20 @@ DEVICES = {
     "l4": ("NVIDIA L4 24GB", 121.0, 0.80, None, "GPU"),
     "cpu": ("one x86 vCPU (c6i)", None, 0.0425, None, "vCPU"),
 }
-DEFAULT_MFU = 0.30  # assumed: bf16 diffusion sampling with per-step host copies (see docs/benchmarks.md)
+DEFAULT_MFU = 0.30  # assumed where nothing was measured (see MEASURED_MFU)
+
+# Model FLOP utilisation measured by `factory bench --suite gpu` (eager bf16, the actors' default; random
+# weights; docs/benchmarks.md "GPU suite", one NVIDIA H200, 2026-11-26), by backbone and how a recipe guides:
+# "none" plain CFG; "vae" / "tiny" a Chamfer-type energy through that guidance decoder; "ot" DMGD's OT term.
+# A recipe's rate is then the device's peak x this MFU / the recipe's own FLOPs per image (its steps, CFG
+# and guided steps), so one measurement serves every job. The H100 has the H200's compute peak and less
+# memory bandwidth: its rows reuse the H200's figures, and the output says so.
+MEASURED_MFU = {
+    "dit-xl-2": {"none": 0.342, "vae": 0.251, "tiny": 0.287, "ot": 0.276},
+    "sd15": {"none": 0.267, "vae": 0.180, "tiny": 0.232, "ot": 0.212},
+    "sd35m": {"none": 0.299, "vae": 0.232, "tiny": 0.278, "ot": 0.249},
+}
+MEASURED_MFU_DEVICES = {"h200": "measured on an H200", "h100": "measured on an H200 (same bf16 peak), not an H100"}
 
 # Measured sampling rates (images/s per device): (backbone, checkpoint or "*", guidance or "*", device,
 # img/s, where it comes from). No GPU figure has been measured yet: docs/benchmarks.md says no GPU was lent
@@ -312,7 +325,7 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
     check_estimate_args(gpu, img_per_s, price_per_gpu_hour, mfu)
     device = gpu.strip().lower() if gpu is not None else ("h100" if cfg.executor.num_gpus > 0 else "cpu")
     desc, peak, on_demand, spot, unit = DEVICES[device]
-    mfu = DEFAULT_MFU if mfu is None else mfu
+    mfu_given, mfu = mfu, DEFAULT_MFU if mfu is None else mfu
     declared = declared_classes(cfg) is not None
     plan = plan if plan is not None else plan_for_config(cfg)
     n_classes = len(plan.labels)
@@ -372,6 +385,14 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
                   default=0.0)
     for x in rows:
         x["cost"] = {k: x["device_hours"] * v for k, v in prices.items() if k != "spot_assumed"}
+        elif (tflops is not None and mfu_given is None and device in MEASURED_MFU_DEVICES
+              and cfg.backbone.name in MEASURED_MFU):
+            how = ("none" if g == "none" else "ot" if "ot" in g.split("+")
+                   else cfg.backbone.options.get("guidance_decoder", "vae"))
+            m_mfu = MEASURED_MFU[cfg.backbone.name].get(how, MEASURED_MFU[cfg.backbone.name]["vae"])
+            rate, kind = peak * m_mfu / tflops, "measured-mfu"
+            source = (f"{tflops:.4g} TFLOP/img at MFU {m_mfu:g} ({how} guidance, {MEASURED_MFU_DEVICES[device]}, "
+                      f"factory bench --suite gpu, docs/benchmarks.md) of {peak:g} TFLOP/s")
     return {
         "config": cfg.name, "classes": n_classes, "shards": len(plan), "images": plan.num_images,
         "sizes": "declared in the config, no data read" if declared else "counted from the real train split",
@@ -431,7 +452,7 @@ def format_estimate(est: dict) -> str:
     for x in est["recipes"]:
         by_source.setdefault((x["rate"], x["rate_source"]), []).append(x["recipe"])
     for (kind, source), names in by_source.items():
-        label = {"given": "given rate", "measured": "measured rate",
+        label = {"given": "given rate", "measured": "measured rate", "measured-mfu": "rate from measured MFU",
                  "estimate": "ESTIMATED rate, no measured figure"}[kind]
         lines.append(f"{', '.join(names)}: {label}: {source}")
     p = est["prices"]

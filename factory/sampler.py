@@ -19,6 +19,7 @@ bit for bit. CFG with ω = 1 skips the unconditional pass.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -54,7 +55,7 @@ class Guidance:
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # pixels in [-1, 1], (B, C, H, W)
+    images: torch.Tensor  # pixels in [-1, 1], (B, C, H, W), on the backbone's device
     energy_trace: list[dict] = field(default_factory=list)  # per guided step: step, name, value
 
 
@@ -122,10 +123,18 @@ def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int
     return a * eps - s * x if kind == "v_prediction" else x0
 
 
+def takes_eta(scheduler) -> bool:
+    """DDIM-family schedulers take ``eta``; DDPM, PNDM, Euler and flow matching do not."""
+    return "eta" in inspect.signature(scheduler.step).parameters
+
+
 def _step(scheduler, out, t, x, eta, generator):
-    if is_flow(scheduler):
-        return scheduler.step(out, t, x, generator=generator).prev_sample
-    return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+    if takes_eta(scheduler):
+        return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+    if eta:
+        raise ValueError(f"{type(scheduler).__name__} has no eta: sampling.eta must be 0 with it")
+    kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    return scheduler.step(out, t, x, **kwargs).prev_sample
 
 
 def _terms(g: Guidance, feats: torch.Tensor, frozen) -> list[tuple[str, float, torch.Tensor]]:
@@ -163,13 +172,15 @@ def sample(
     if guidance and features is None:
         raise ValueError("guidance energies need a feature extractor")
     batch = labels.shape[0]
-    scheduler.set_timesteps(steps)
+    device = getattr(backbone, "device", torch.device("cpu"))
+    scheduler.set_timesteps(steps)  # timesteps stay on the CPU: indexing the schedule never syncs the device
     timesteps = scheduler.timesteps
-    x = torch.randn(backbone.noise_shape(batch), generator=generator)
+    # noise from the shard's CPU generator (the same bytes on any machine), then one copy to the device
+    x = torch.randn(backbone.noise_shape(batch), generator=generator).to(device)
     if init_images is not None and strength < 1.0:
         start = min(int(round(steps * (1.0 - strength))), steps - 1)
         timesteps = timesteps[start:]
-        x0 = backbone.encode(init_images)
+        x0 = backbone.encode(init_images.to(device))
         if is_flow(scheduler):
             scheduler.set_begin_index(start)
             x = scheduler.scale_noise(x0, timesteps[:1], x)
@@ -206,9 +217,11 @@ def sample(
                     (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(parts) - 1)
                     # α·∇_{x_t}E is the gradient in x̂₀ units (exactly ∇_{x̂₀}E when the model output is held)
                     delta += g.weight * w * normalize_grad(a * grad, g.normalize, x)
-                    trace.append({"step": i, "name": name, "value": float(value.detach())})
+                    trace.append({"step": i, "name": name, "value": value.detach()})
             out = guided_output(scheduler, out.detach(), x, t, i, delta)
         x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():
         images = backbone.decode(x).clamp(-1, 1)
+    for row in trace:  # read back once, after the loop: no device sync per guided step
+        row["value"] = float(row["value"])
     return SampleResult(images=images, energy_trace=trace)

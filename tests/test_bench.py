@@ -87,3 +87,34 @@ def test_cli_prints_exactly_one_json_line(capsys):
                  "--steps", "2", "--warmup", "0", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["backbone"] == "tiny"
+
+
+def test_gpu_suite_runs_its_grid_at_the_tiny_size(capsys, tmp_path):
+    """``factory bench --suite gpu`` on a CPU: the same grid at --size tiny, JSON lines and a markdown table."""
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--suite", "gpu", "--size", "tiny", "--suite-backbones", "dit-xl-2", "--steps", "2", "--warmup", "0",
+         "--budget-s", "600", "--out", str(tmp_path)])
+    out = run_bench(args)
+    modes = [r["mode"] for r in out["rows"]]
+    assert modes == ["cfg", "chamfer-cfg-free", "chamfer-cfg-free-taesd", "ot-window"]
+    rows = {r["mode"]: r for r in out["rows"]}
+    assert all(r["img_per_s"] > 0 and r["tflops_per_img"] > 0 for r in rows.values())
+    assert rows["cfg"]["cfg_scale"] > 1 and rows["chamfer-cfg-free"]["cfg_scale"] == 1.0
+    assert rows["chamfer-cfg-free-taesd"]["guidance_decoder"] == "tiny"
+    # CFG-free halves the denoiser's forward FLOPs; the tiny decoder guides for less than the VAE
+    d = lambda m: rows[m]["tflops_per_img_by_part"]["denoiser_fwd"]  # noqa: E731
+    assert d("chamfer-cfg-free") == pytest.approx(d("cfg") / 2, rel=1e-3)
+    g = lambda m: rows[m]["tflops_per_img_by_part"]["guide_decode_fwd"]  # noqa: E731
+    assert g("chamfer-cfg-free-taesd") < g("chamfer-cfg-free")
+    lines = (tmp_path / "suite.jsonl").read_text().splitlines()
+    assert [json.loads(x)["mode"] for x in lines] == modes
+    table = (tmp_path / "suite.md").read_text()
+    assert "| dit-xl-2 | chamfer-cfg-free-taesd | False |" in table and "wall vs cfg" in table
+
+
+def test_gpu_suite_skips_rows_past_its_budget(capsys):
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--suite", "gpu", "--size", "tiny", "--suite-backbones", "dit-xl-2,sd15", "--steps", "2", "--warmup", "0",
+         "--budget-s", "0"])
+    out = run_bench(args)
+    assert out["rows"] and all("skipped" in r for r in out["rows"])

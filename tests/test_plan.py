@@ -191,3 +191,17 @@ def test_cli_plan_prints_the_13m_image_job():
     assert proc.returncode == 0, proc.stderr
     assert "12,812,000 images" in proc.stdout and "13,000 shards" in proc.stdout and "GPU-hours" in proc.stdout
     assert "ESTIMATED rate" in proc.stdout and "a100" in proc.stdout
+
+
+def test_h200_and_h100_rates_come_from_the_measured_mfu_unless_an_mfu_is_given():
+    from factory.plan import MEASURED_MFU
+
+    cfg = _cfg("dit-xl-2", steps=50, cfg_scale=1.5, energies=CHAMFER)
+    for gpu in ("h200", "h100"):
+        (row,) = estimate(cfg, gpu=gpu)["recipes"]
+        assert row["rate"] == "measured-mfu" and "suite gpu" in row["rate_source"]
+        assert row["img_per_s"] == pytest.approx(989.0 * MEASURED_MFU["dit-xl-2"]["vae"] / 45.03, rel=0.01)
+    (row,) = estimate(cfg, gpu="h200", mfu=0.5)["recipes"]  # an explicit --mfu is the user's assumption
+    assert row["rate"] == "estimate"
+    (row,) = estimate(cfg, gpu="a100")["recipes"]  # nothing measured on an A100
+    assert row["rate"] == "estimate"

@@ -97,3 +97,28 @@ def test_normalize_grad():
     assert torch.allclose(normalize_grad(g, "linf", x).flatten(1).abs().amax(1), torch.ones(3))
     assert torch.allclose(normalize_grad(g, "latent", x).flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
     assert torch.equal(normalize_grad(g, "none", x), g)
+
+
+@pytest.mark.parametrize("kind", ["DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler"])
+def test_schedulers_without_eta_sample(backbone, kind):
+    """Schedulers whose step takes no eta (SD 1.5's native PNDM, DDPM) used to crash with a TypeError."""
+    import diffusers
+
+    cfg = {k: v for k, v in scheduler_config().items() if k in ("num_train_timesteps", "beta_schedule",
+                                                                  "beta_start", "beta_end", "prediction_type")}
+    sched = getattr(diffusers, kind)(**cfg)
+    labels = torch.tensor([1, 2])
+    out = sample(backbone, sched, labels, torch.Generator().manual_seed(0), 4, cfg_scale=2.0).images
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="has no eta"):
+        sample(backbone, sched, labels, torch.Generator().manual_seed(0), 4, eta=0.5)
+
+
+def test_images_and_energy_trace_come_back_from_the_loop(backbone):
+    """The loop stays on the backbone's device; the trace holds plain floats read back once at the end."""
+    labels = torch.tensor([4, 4, 4])
+    g = Guidance(lambda f, frozen: f.pow(2).mean(), weight=0.1, name="sq")
+    res = sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(3), 5, guidance=[g],
+                 features=lambda x: x.flatten(1))
+    assert res.images.device == backbone.device
+    assert len(res.energy_trace) == 5 and all(type(r["value"]) is float for r in res.energy_trace)
