@@ -5,6 +5,8 @@
     factory plan CONFIG [--gpu h100] [--img-per-s R] [--price-per-gpu-hour P] [--mfu M] [--json] [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
+    factory status OUTPUT [--json] [--window SECONDS]
+    factory verify OUTPUT [--json] [--repair] [--workers N]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.set)
     output = args.output or str(Path("runs") / Path(args.config).stem)
     t0 = time.perf_counter()
-    metrics = run(cfg, output, progress=not args.quiet)
+    metrics = run(cfg, output, progress=not args.quiet, verify=args.verify)
     print(json.dumps({"output": output, "wall_seconds": round(time.perf_counter() - t0, 1), "metrics": metrics},
                      indent=1, sort_keys=True))
     return 0
@@ -50,6 +52,22 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from factory.status import format_status, status
+
+    st = status(args.output, window=args.window)
+    print(json.dumps(st, indent=1) if args.json else format_status(st))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from factory.verify import format_verify, verify
+
+    res = verify(args.output, workers=args.workers, repair=args.repair)
+    print(json.dumps(res, indent=1) if args.json else format_verify(res))
+    return 0 if res["ok"] else 1
+
+
 def _cmd_train_embedded(args) -> int:
     from factory.embedded import train_embedded
 
@@ -66,7 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="output folder or URI (default runs/<config stem>/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true",
+                   help="first verify every committed shard (sha256, decoding) and re-make the bad ones")
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("status", help="a run's progress from its output: shards, images, img/s, ETA, failures")
+    p.add_argument("output", help="the run's output folder or URI")
+    p.add_argument("--window", type=float, default=300.0, help="seconds of recent commits for img/s (default 300)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_status)
+
+    p = sub.add_parser("verify", help="check every planned shard's files; exit status 1 naming each bad shard")
+    p.add_argument("output", help="the run's output folder or URI")
+    p.add_argument("--repair", action="store_true", help="remove bad shards' markers and files: the next run re-makes them")
+    p.add_argument("--workers", type=int, default=8, help="shards checked in parallel (default 8)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_verify)
 
     p = sub.add_parser("eval", help="score an existing image set against a real set's test split")
     p.add_argument("source", choices=["parquet", "webdataset", "imagefolder"], help="format of the set to score")

@@ -8,6 +8,7 @@ producer is any picklable zero-argument factory returning ``producer(shard) -> l
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable, Iterator
@@ -71,9 +72,11 @@ class ShardWorker:
                         "shard_id": shard.shard_id, "label": shard.label, "class_name": shard.class_name,
                         "index": shard.index, "seed": shard.seed,
                     })
+                    self._error_record(shard, None)
                 except Exception as e:  # a bad shard or an unreachable store: name it, mark nothing complete
                     msg = f"{type(e).__name__}: {e}"
                     error = msg if where in msg else f"shard {where}: {msg}"
+                    self._error_record(shard, error)
             rows["shard_id"].append(shard.shard_id)
             rows["recipe"].append(shard.recipe)
             rows["shard"].append(shard.name)
@@ -82,6 +85,19 @@ class ShardWorker:
             rows["skipped"].append(skipped)
             rows["error"].append(error)
         return {k: np.asarray(v) for k, v in rows.items()}
+
+    def _error_record(self, shard, error: str | None) -> None:
+        """``<output>/<recipe>/_errors/<shard>.json`` holds a failed shard's error for ``factory status``, and
+        goes when the shard commits. Best effort, one try: the store may be the very thing failing."""
+        path = f"{self.sink.root}/{shard.recipe}/_errors/{shard.name}.json"
+        try:
+            if error is None:
+                os.remove(path) if self.sink.local else self.sink.fs.rm_file(path)
+            else:
+                data = json.dumps({"shard": shard.name, "shard_id": shard.shard_id, "error": error, "time": time.time()})
+                (self.sink.put if self.sink.local else self.sink.fs.pipe_file)(path, data.encode())
+        except Exception:  # FileNotFoundError (the usual case when clearing), or the store is down
+            pass
 
 
 def pending_shards(plan: Plan, sink: ShardSink, shard_ids: range | list[int] | None = None) -> list[int]:

@@ -221,11 +221,18 @@ def provenance(cfg: Config, output: str, wall: dict) -> dict:
             "packages": versions, "config": cfg.to_dict(), "output": output, "wall_seconds": wall}
 
 
-def run(cfg: Config, output: str, progress: bool = True) -> dict:
-    """Make every pending shard of ``cfg`` under ``output``, then write metrics.json and report.html."""
+def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -> dict:
+    """Make every pending shard of ``cfg`` under ``output``, then write metrics.json and report.html.
+
+    run.json is written first, before any shard, with the plan (``factory status`` / ``verify`` read it).
+    A committed shard with a file missing is re-made; with ``verify``, so is any shard that fails
+    ``factory verify`` (sizes, sha256, decoding): see :mod:`factory.verify` for why that is opt-in.
+    """
     from factory.generate import SyntheticProducer
     from factory.card import write_cards
     from factory.report import write_report
+    from factory.status import plan_record
+    from factory.verify import drop_incomplete, verify as verify_output
 
     t_start = time.perf_counter()
     train = load_real(cfg.data.source, "train", cfg.data.root)
@@ -235,7 +242,15 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     SyntheticProducer(cfg)
     sink = ShardSink(output, cfg.output.formats)
     sink.check_writable()
+    started = time.time()
+    record = {**provenance(cfg, output, {}), "state": "running", "started": started,
+              "plan": plan_record(plan, cfg.output.formats)}
+    sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
     ensure_ray(cfg.executor.address)
+    if verify:  # shards that fail factory verify, or (always) a committed shard with a file gone: re-made
+        healed = verify_output(output, repair=True, plan=plan, formats=cfg.output.formats)["repaired"]
+    else:
+        healed = drop_incomplete(plan, sink, cfg.output.formats)
     pending = pending_shards(plan, sink)
     t_finetune = time.perf_counter()
     adapters, finetuned = finetune_recipes(cfg, sink, train, {plan.shard(s).recipe for s in pending})
@@ -251,6 +266,8 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     except Exception as e:
         cause = root_cause(e)
         what = str(cause) if isinstance(cause, ShardFailed) else f"{type(cause).__name__}: {cause}"
+        record.update(state="failed", error=what, finished=time.time())
+        sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
         raise ShardError(f"{what} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
     metrics = score_recipes(cfg, sink, plan, train, test)
@@ -263,6 +280,9 @@ def run(cfg: Config, output: str, progress: bool = True) -> dict:
     wall["total"] = round(time.perf_counter() - t_start, 2)
     prov = provenance(cfg, output, wall)
     prov["shards"] = {"planned": len(plan), "made": made, "already_complete": len(plan) - len(pending)}
+    prov.update(state="complete", started=started, finished=time.time(), plan=record["plan"])
+    if healed:
+        prov["healed"] = healed
     if finetuned:
         prov["finetune"] = finetuned
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())

@@ -4,8 +4,6 @@ The endpoint and credentials reach every process the standard way, through the e
 (``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ...), never through the job's config.
 """
 
-import os
-import socket
 import threading
 import time
 
@@ -16,45 +14,7 @@ from factory.dataplane import pending_shards, run_shards
 from factory.plan import Plan, RecipePlan
 from factory.shards import ShardSink
 
-moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(local_ray_env):
-    port = local_ray_env
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("factory-test")
-    yield server, port
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def local_ray_env():
-    """S3 settings in the environment before Ray starts, so its workers inherit them."""
-    port = _free_port()
-    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import ray
-
-    if ray.is_initialized():  # workers of an earlier Ray lack the variables
-        ray.shutdown()
-    yield port
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class SlowProducer:
