@@ -5,6 +5,7 @@
     factory plan CONFIG [--gpu h100] [--img-per-s R] [--price-per-gpu-hour P] [--mfu M] [--json] [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
+    factory prepare SRC --output URI --size N [--resize center-crop|pad|stretch] [--per-class K] [--seed S] ...
     factory status OUTPUT [--json] [--window SECONDS]
     factory verify OUTPUT [--json] [--repair] [--workers N]
 """
@@ -68,6 +69,17 @@ def _cmd_verify(args) -> int:
     return 0 if res["ok"] else 1
 
 
+def _cmd_prepare(args) -> int:
+    from factory.prepare import prepare  # no torch on this path
+
+    summary = prepare(args.src, args.output, args.size, resize=args.resize, mode=args.mode, per_class=args.per_class,
+                      seed=args.seed, test_fraction=args.test_fraction, rows_per_file=args.rows_per_file,
+                      min_size=args.min_size, class_names_file=args.class_names, image_column=args.image_column,
+                      label_column=args.label_column, fmt=args.format, progress=not args.quiet)
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 0
+
+
 def _cmd_train_embedded(args) -> int:
     from factory.embedded import train_embedded
 
@@ -129,6 +141,27 @@ def main(argv: list[str] | None = None) -> int:
 
         bench.add_arguments(p)
         p.set_defaults(fn=lambda a: bench.run_bench(a) and 0)  # run_bench prints its one JSON line
+
+    p = sub.add_parser("prepare", help="convert a real image set into the factory's Parquet layout (Ray Data)")
+    p.add_argument("src", help="image folder (train/<class>/, val/<class>/ or <class>/), WebDataset tars or "
+                               "Parquet files: a local folder or URI")
+    p.add_argument("--output", required=True, help="output folder or URI; a job reads it as "
+                                                   "data: {source: parquet, root: URI}")
+    p.add_argument("--size", type=int, required=True, help="output images are SIZE x SIZE")
+    p.add_argument("--resize", default="center-crop", choices=["center-crop", "pad", "stretch"])
+    p.add_argument("--mode", default="auto", choices=["auto", "L", "RGB"], help="auto: the majority of the data")
+    p.add_argument("--per-class", type=int, help="keep K seeded images per class of the train split")
+    p.add_argument("--seed", type=int, default=0, help="seed of --per-class and --test-fraction")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="source without split folders: this seeded fraction of it becomes the test split")
+    p.add_argument("--rows-per-file", type=int, default=1000)
+    p.add_argument("--min-size", type=int, help="reject images whose short side is smaller (default SIZE // 4)")
+    p.add_argument("--class-names", help="class ids in label order (.json list / object, or '<id> <name>' lines)")
+    p.add_argument("--format", default="auto", choices=["auto", "imagefolder", "webdataset", "parquet"])
+    p.add_argument("--image-column", default="image", help="Parquet input: the image column")
+    p.add_argument("--label-column", default="label", help="Parquet input: the integer label column")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(fn=_cmd_prepare)
 
     p = sub.add_parser("train-embedded", help="train the embedded tiny UNet and feature CNN")
     p.add_argument("dataset", choices=["digits", "fashion_mnist"])

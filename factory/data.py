@@ -32,6 +32,7 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLASS_INDEX = "classes.json"  # a Parquet set's class index, when it has one (see read_class_index)
 
 
 class DataError(ValueError):
@@ -183,7 +184,16 @@ def _shard_files(root: str, suffix: str, split: str) -> tuple[fsspec.AbstractFil
     return fs, files
 
 
-def _from_records(records: list[tuple[bytes, int, str, str]], root: str) -> RealSet:
+def read_class_index(root: str) -> dict | None:
+    """``<root>/classes.json`` (written by ``factory prepare``: ``class_names`` in label order, size, mode,
+    counts per split), or None when the set has none."""
+    fs, path = fsspec.core.url_to_fs(root)
+    f = f"{path.rstrip('/')}/{CLASS_INDEX}"
+    return json.loads(fs.cat_file(f)) if fs.isfile(f) else None
+
+
+def _from_records(records: list[tuple[bytes, int, str, str]], root: str,
+                  class_names: list[str] | None = None) -> RealSet:
     names_by_label: dict[int, str] = {}
     imgs, names, labels = [], [], []
     for data, label, cname, what in records:
@@ -192,6 +202,11 @@ def _from_records(records: list[tuple[bytes, int, str, str]], root: str) -> Real
         labels.append(label)
         names_by_label.setdefault(label, cname)
     images, mode = _stack(imgs, names, root)
+    if class_names is not None:  # the class index names every class, those without images in this split too
+        bad = sorted(i for i, c in names_by_label.items() if i >= len(class_names) or class_names[i] != c)
+        if bad:
+            raise DataError(f"{root}: label {bad[0]} ({names_by_label[bad[0]]!r}) disagrees with {CLASS_INDEX}")
+        return RealSet(images, np.asarray(labels, dtype=np.int64), list(class_names), mode)
     n = max(names_by_label) + 1
     class_names = [names_by_label.get(i, str(i)) for i in range(n)]
     return RealSet(images, np.asarray(labels, dtype=np.int64), class_names, mode)
@@ -200,13 +215,18 @@ def _from_records(records: list[tuple[bytes, int, str, str]], root: str) -> Real
 def _parquet(root: str, split: str) -> RealSet:
     import pyarrow.parquet as pq
 
+    index = read_class_index(root)
+    if index is not None:  # a `factory prepare` output: its splits are strict (no fallback to the root)
+        fs, path = fsspec.core.url_to_fs(root)
+        if not fs.isdir(f"{path.rstrip('/')}/{split}"):
+            raise DataError(f"{root} has no {split} split (see its {CLASS_INDEX}; factory prepare --test-fraction)")
     fs, files = _shard_files(root, ".parquet", split)
     records = []
     for f in files:
         table = pq.read_table(f, filesystem=fs, columns=["key", "image", "label", "class_name"])
         for key, img, label, cname in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             records.append((img, int(label), cname, f"{f}:{key}"))
-    return _from_records(records, root)
+    return _from_records(records, root, index["class_names"] if index else None)
 
 
 def _webdataset(root: str, split: str) -> RealSet:
