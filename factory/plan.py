@@ -6,7 +6,8 @@ depends on timing, workers or order: a shard's identity and seed are a function 
 
 ``factory plan`` is built here too: :func:`plan_for_config` sizes a run from its config (without reading
 the real data when the config declares its sizes), and :func:`estimate` turns the plan into device-hours
-and cost on a GPU type from plain-data tables of measured rates, FLOP counts, peaks and prices.
+and cost on a GPU type from plain-data tables of measured rates, FLOP counts, peaks and prices, and into
+bytes of storage from a table of measured bytes per image per codec and resolution.
 """
 
 from __future__ import annotations
@@ -239,6 +240,50 @@ BACKBONE_TFLOPS = {
 }
 
 
+# Mean bytes per image of factory.generate.encode_image at quality 90 (docs/benchmarks.md, "Bytes per image"):
+# 8 px: the digits train split (grey); 28 px: 200 samples of the packaged Fashion-MNIST tiny UNet (grey);
+# 256 px: 32 crops of scikit-learn's two sample photographs (RGB). Other sizes scale the nearest by area.
+BYTES_PER_IMAGE = {
+    8: {"png": 123, "jpeg": 213, "webp": 131},
+    28: {"png": 630, "jpeg": 618, "webp": 440},
+    256: {"png": 115_621, "jpeg": 21_121, "webp": 18_405},
+}
+SOURCE_PX = {"digits": 8, "fashion_mnist": 28}  # the embedded real sets' image sides
+
+
+def storage_estimate(cfg, images: int) -> dict:
+    """Bytes a run of ``images`` writes in ``output.codec`` (every format holds each image once; a tar adds
+    its headers), at the real set's resolution: ``data.image_size``, else the embedded set's, else the
+    backbone's native one (assumed)."""
+    codec = cfg.output.codec
+    px, where = getattr(cfg.data, "image_size", None), "data.image_size"
+    if px is None and cfg.data.source in SOURCE_PX:
+        px, where = SOURCE_PX[cfg.data.source], f"the {cfg.data.source} images"
+    if px is None and cfg.backbone.name in BACKBONE_TFLOPS:
+        px = BACKBONE_TFLOPS[cfg.backbone.name]["px"]
+        where = f"ASSUMED: {cfg.backbone.name}'s native size, declare data.image_size"
+    if px is None:
+        return {"codec": codec, "px": None, "bytes_per_image": None, "bytes": None,
+                "source": "resolution unknown: declare data.image_size"}
+    near = min(BYTES_PER_IMAGE, key=lambda m: (abs(math.log(px / m)), m))
+    per = BYTES_PER_IMAGE[near][codec] * (px / near) ** 2
+    how = "measured" if near == px else f"scaled by area from {near} px"
+    if codec != "png" and cfg.output.quality != 90:
+        how += f"; at quality 90, not the config's {cfg.output.quality}"
+    # a WebDataset sample is 3 tar members: 3 headers of 512 B, the image padded to 512 B, .cls and .json
+    tar = 3 * 512 + 512 * math.ceil(per / 512) + 2 * 512
+    per_format = {f: (tar if f == "webdataset" else per) for f in cfg.output.formats}
+    return {"codec": codec, "px": px, "bytes_per_image": per, "per_format": per_format,
+            "bytes": images * sum(per_format.values()), "source": f"{px} px ({where}), {how} (docs/benchmarks.md)"}
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def guidance_key(recipe) -> str:
     """"none", an energy name, or energy names joined by "+": the guidance column of MEASURED."""
     return "+".join(sorted({e.name for e in recipe.energies})) or "none"
@@ -340,6 +385,14 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
             rate, kind, source = img_per_s, "given", "--img-per-s"
         elif (m := _measured(cfg, g, device)) is not None:
             (rate, source), kind = m, "measured"
+        elif (tflops is not None and mfu_given is None and device in MEASURED_MFU_DEVICES
+              and cfg.backbone.name in MEASURED_MFU):
+            how = ("none" if g == "none" else "ot" if "ot" in g.split("+")
+                   else cfg.backbone.options.get("guidance_decoder", "vae"))
+            m_mfu = MEASURED_MFU[cfg.backbone.name].get(how, MEASURED_MFU[cfg.backbone.name]["vae"])
+            rate, kind = peak * m_mfu / tflops, "measured-mfu"
+            source = (f"{tflops:.4g} TFLOP/img at MFU {m_mfu:g} ({how} guidance, {MEASURED_MFU_DEVICES[device]}, "
+                      f"factory bench --suite gpu, docs/benchmarks.md) of {peak:g} TFLOP/s")
         elif tflops is not None and peak is not None:
             rate, kind = peak * mfu / tflops, "estimate"
             source = (f"{tflops:.4g} TFLOP/img (factory bench FLOP counts, docs/benchmarks.md) at an assumed "
@@ -385,14 +438,6 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
                   default=0.0)
     for x in rows:
         x["cost"] = {k: x["device_hours"] * v for k, v in prices.items() if k != "spot_assumed"}
-        elif (tflops is not None and mfu_given is None and device in MEASURED_MFU_DEVICES
-              and cfg.backbone.name in MEASURED_MFU):
-            how = ("none" if g == "none" else "ot" if "ot" in g.split("+")
-                   else cfg.backbone.options.get("guidance_decoder", "vae"))
-            m_mfu = MEASURED_MFU[cfg.backbone.name].get(how, MEASURED_MFU[cfg.backbone.name]["vae"])
-            rate, kind = peak * m_mfu / tflops, "measured-mfu"
-            source = (f"{tflops:.4g} TFLOP/img at MFU {m_mfu:g} ({how} guidance, {MEASURED_MFU_DEVICES[device]}, "
-                      f"factory bench --suite gpu, docs/benchmarks.md) of {peak:g} TFLOP/s")
     return {
         "config": cfg.name, "classes": n_classes, "shards": len(plan), "images": plan.num_images,
         "sizes": "declared in the config, no data read" if declared else "counted from the real train split",
@@ -400,6 +445,7 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
         "mfu": mfu, "recipes": rows, "device_hours": hours, "prices": prices,
         "cost": {k: hours * v for k, v in prices.items() if k != "spot_assumed"},
         "parallel_devices": busy, "wall_hours": max(hours / busy, longest) if busy > 0 else None,
+        "storage": storage_estimate(cfg, plan.num_images),
         "notes": notes + ["excludes model loading, reading the real data, scoring, the report and downstream training"],
     }
 
@@ -466,5 +512,12 @@ def format_estimate(est: dict) -> str:
     if est["wall_hours"] is not None:
         lines.append(f"wall: {_duration(est['wall_hours'])} of sampling on {_n(est['parallel_devices'])} {unit}s "
                      f"(executor.num_actors max x {unit}s per actor, at most one shard each)")
+    st = est.get("storage")
+    if st and st["bytes"] is not None:
+        each = ", ".join(f"{_bytes(b)} in {f}" for f, b in st["per_format"].items())
+        lines.append(f"storage: {_bytes(st['bytes'])}: {_n(est['images'])} images x {_bytes(st['bytes_per_image'])} "
+                     f"({st['codec']}; per image {each}); {st['source']}")
+    elif st:
+        lines.append(f"storage: {st['source']}")
     lines += [f"note: {n}" for n in est["notes"]]
     return "\n".join(lines)
