@@ -16,6 +16,7 @@ import yaml
 
 from factory.config import Config
 from factory.plan import Plan
+from factory.shards import hf_features
 
 METRICS = [("precision", "precision"), ("recall", "recall"), ("density", "density"), ("coverage", "coverage"),
            ("f1_pc", "F1(P,C)"), ("fd", "FD"), ("hardness_mean", "hardness")]
@@ -27,8 +28,46 @@ def size_category(n: int) -> str:
     return next((name for limit, name in SIZE_CATEGORIES if n < limit), "n>1T")
 
 
-def card_header(cfg: Config, recipe: str, class_names: list[str], num_images: int | None) -> dict:
-    """The YAML header as a mapping: what ``huggingface_hub.DatasetCardData`` and ``datasets`` read."""
+def yaml_features(features: dict) -> list | None:
+    """``datasets`` features as ``Features.to_dict()`` writes them (the Parquet ``huggingface`` metadata) -> the
+    card's ``dataset_info.features`` list, as ``datasets`` writes it; None for a type this does not know."""
+    out = []
+    for name, f in features.items():
+        kind = f.get("_type")
+        if kind == "Value":
+            out.append({"name": name, "dtype": f["dtype"]})
+        elif kind == "Image":
+            out.append({"name": name, "dtype": "image"})
+        elif kind == "ClassLabel":
+            out.append({"name": name, "dtype": {"class_label": {"names": {str(i): str(n) for i, n in enumerate(f["names"])}}}})
+        elif kind in ("List", "Sequence") and f.get("feature", {}).get("_type") == "Value":
+            item = {"name": name, "list": f["feature"]["dtype"]}
+            if f.get("length") not in (None, -1):
+                item["length"] = f["length"]
+            out.append(item)
+        else:
+            return None
+    return out
+
+
+def shard_features(sink, recipe: str) -> dict | None:
+    """The ``datasets`` features a recipe's Parquet shards declare (their schema's ``huggingface`` metadata)."""
+    import pyarrow.parquet as pq
+
+    files = sink.shard_files(recipe, "parquet")
+    if not files:
+        return None
+    with sink.fs.open(files[0], "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    if b"huggingface" not in meta:
+        return None
+    return json.loads(meta[b"huggingface"]).get("info", {}).get("features")
+
+
+def card_header(cfg: Config, recipe: str, class_names: list[str], num_images: int | None,
+                features: dict | None = None) -> dict:
+    """The YAML header as a mapping: what ``huggingface_hub.DatasetCardData`` and ``datasets`` read.
+    ``features``: the shards' own (:func:`shard_features`); by default the factory's columns."""
     header: dict = {
         "license": "other",
         "license_name": "inherits-model-and-data-licenses",
@@ -39,15 +78,8 @@ def card_header(cfg: Config, recipe: str, class_names: list[str], num_images: in
     if num_images is not None:
         header["size_categories"] = [size_category(num_images)]
     if "parquet" in cfg.output.formats:
-        header["dataset_info"] = {
-            "features": [
-                {"name": "key", "dtype": "string"},
-                {"name": "image", "dtype": "image"},
-                {"name": "label", "dtype": {"class_label": {"names": {str(i): str(n) for i, n in enumerate(class_names)}}}},
-                {"name": "class_name", "dtype": "string"},
-                {"name": "seed", "dtype": "int64"},
-            ],
-        }
+        listed = yaml_features(features or hf_features(class_names))
+        header["dataset_info"] = {} if listed is None else {"features": listed}
         if num_images is not None:
             header["dataset_info"]["splits"] = [{"name": "train", "num_examples": int(num_images)}]
         files = "parquet/*.parquet"
@@ -151,9 +183,9 @@ def card_body(cfg: Config, recipe: str, plan: Plan, metrics: dict, prov: dict) -
     return "\n".join(lines)
 
 
-def dataset_card(cfg: Config, recipe: str, plan: Plan, metrics: dict, prov: dict) -> str:
+def dataset_card(cfg: Config, recipe: str, plan: Plan, metrics: dict, prov: dict, features: dict | None = None) -> str:
     m = metrics.get(recipe, {})
-    header = card_header(cfg, recipe, list(plan.class_names), m.get("num_images"))
+    header = card_header(cfg, recipe, list(plan.class_names), m.get("num_images"), features)
     return "---\n" + yaml.safe_dump(header, sort_keys=False, allow_unicode=True) + "---\n\n" + \
         card_body(cfg, recipe, plan, metrics, prov)
 
@@ -163,6 +195,7 @@ def write_cards(cfg: Config, sink, plan: Plan, metrics: dict, prov: dict) -> lis
     paths = []
     for rp in plan.recipes:
         path = f"{sink.root}/{rp.recipe}/README.md"
-        sink.put(path, dataset_card(cfg, rp.recipe, plan, metrics, prov).encode())
+        features = shard_features(sink, rp.recipe) if "parquet" in cfg.output.formats else None
+        sink.put(path, dataset_card(cfg, rp.recipe, plan, metrics, prov, features).encode())
         paths.append(path)
     return paths

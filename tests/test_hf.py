@@ -157,6 +157,9 @@ def test_dataset_card(hf_run):
     label = next(f for f in header["dataset_info"]["features"] if f["name"] == "label")
     assert label["dtype"]["class_label"]["names"] == {str(i): str(i) for i in range(10)}
     assert header["dataset_info"]["splits"] == [{"name": "train", "num_examples": 12}]
+    # the card declares exactly the shards' columns (load_dataset(folder) casts the files to these)
+    schema = pq.read_schema(f"{out}/cfg/parquet/c00003-s00000.parquet")
+    assert [f["name"] for f in header["dataset_info"]["features"]] == schema.names
     run = json.load(open(f"{out}/run.json"))
     body = text.split("---\n", 2)[2]
     metrics = json.load(open(f"{out}/metrics.json"))
@@ -169,3 +172,20 @@ def test_dataset_card(hf_run):
     data = card.data.to_dict()
     assert data["task_categories"] == ["image-classification"] and data["configs"] == header["configs"]
     assert "## Metrics" in card.text
+
+
+def test_plan_prints_the_storage_estimate():
+    from factory.plan import BYTES_PER_IMAGE, estimate, format_estimate
+
+    data = {"data": {"source": "digits", "num_classes": 10}, "recipes": {"cfg": {"images_per_class": 100}}}
+    est = estimate(from_dict(data))
+    # parquet: the image; webdataset: 3 tar headers + the image padded to a 512 B block + .cls and .json blocks
+    assert est["storage"]["per_format"] == {"parquet": BYTES_PER_IMAGE[8]["png"], "webdataset": 3 * 512 + 512 + 1024}
+    assert est["storage"]["bytes"] == 1000 * (BYTES_PER_IMAGE[8]["png"] + 3072)
+    assert "storage: " in format_estimate(est)
+    webp = estimate(from_dict({**data, "output": {"codec": "webp", "formats": ["parquet"]}}))
+    assert webp["storage"]["bytes"] == 1000 * BYTES_PER_IMAGE[8]["webp"]
+    # 512 px, declared: scaled by area from the measured 256 px
+    big = estimate(from_dict({**data, "data": {**data["data"], "image_size": 512}, "output": {"codec": "jpeg"}}))
+    assert big["storage"]["bytes_per_image"] == BYTES_PER_IMAGE[256]["jpeg"] * 4
+    assert "scaled by area from 256 px" in big["storage"]["source"]
