@@ -24,12 +24,32 @@ from factory.config import load_config
 def _cmd_run(args) -> int:
     from factory.run import run
 
+    from factory import console
+
     cfg = load_config(args.config, args.set)
     output = args.output or str(Path("runs") / Path(args.config).stem)
+    console.set_verbose(args.verbose)  # before Ray starts: what Ray prints reaches the console with --verbose
+    log = console.start_log(output)
     t0 = time.perf_counter()
-    metrics = run(cfg, output, progress=not args.quiet, verify=args.verify)
-    print(json.dumps({"output": output, "wall_seconds": round(time.perf_counter() - t0, 1), "metrics": metrics},
-                     indent=1, sort_keys=True))
+    try:
+        metrics = run(cfg, output, progress=not args.quiet, verify=args.verify)
+    finally:
+        where = console.stop_log(log)
+        if where and sys.exc_info()[0] is not None:
+            print(f"factory: the run's log: {where}", file=sys.stderr)
+    wall = round(time.perf_counter() - t0, 1)
+    if args.json:
+        print(json.dumps({"output": output, "wall_seconds": wall, "metrics": metrics}, indent=1, sort_keys=True))
+        return 0
+    try:
+        import fsspec
+
+        with fsspec.open(f"{output.rstrip('/')}/run.json", "rt") as f:
+            stages = json.load(f).get("wall_seconds") or {}
+    except (OSError, ValueError):
+        stages = {}
+    print(console.summary_table(output, metrics, {**stages, "total": stages.get("total", wall)},
+                                f"{output.rstrip('/')}/report.html", where))
     return 0
 
 
@@ -95,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config, e.g. jobs/digits.yaml")
     p.add_argument("--output", help="output folder or URI (default runs/<config stem>/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="show what Ray and Ray Train print (actors, workers, per-epoch reports) on the console; "
+                        "factory's own log goes to <output>/factory.log either way")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the summary table")
     p.add_argument("--verify", action="store_true",
                    help="first verify every committed shard (sha256, decoding) and re-make the bad ones")
     p.set_defaults(fn=_cmd_run)

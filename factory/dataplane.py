@@ -25,15 +25,22 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from factory import console
+
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+    # The dashboard serves Ray's State API, which Ray Train V2's placement-group cleaner polls every second
+    # for its controller's state: without it each poll logs "Failed to query Ray Train Controller actor
+    # state". What Ray's processes print reaches this console with --verbose only (factory/console.py).
+    kwargs = dict(include_dashboard=True, log_to_driver=console.verbose(), configure_logging=False)
+    with console.ray_startup():
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over shards instead
     ctx.print_on_execution_start = False
+    console.quiet_ray_data()
 
 
 class ShardFailed(RuntimeError):
@@ -128,7 +135,8 @@ def run_shards(
     the shard in flight whatever the batch; batches above 1 only pay off when shards are cheap.
     """
     import ray
-    from tqdm import tqdm
+
+    from factory.console import bar
 
     if not shard_ids:
         return
@@ -143,9 +151,11 @@ def run_shards(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    with tqdm(total=len(shard_ids), desc=desc, unit="shard", disable=not progress) as bar:
-        for row in ds.iter_rows():
+    images = sum(plan.shard(int(s)).num_images for s in shard_ids)
+    with bar(images, desc, unit="img", disable=not progress) as shown:  # images/s and ETA; shards in the postfix
+        for done, row in enumerate(ds.iter_rows(), 1):
             if row["error"]:
                 raise ShardFailed(row["error"])
-            bar.update(1)
+            shown.update(int(row["num_images"]))
+            shown.set_postfix_str(f"{done}/{len(shard_ids)} shards", refresh=False)
             yield row

@@ -12,6 +12,7 @@ reached their epochs are read back without training.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -26,6 +27,7 @@ from factory.data import RealSet, decode_image
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 CHECKPOINT_FILE = "state.pt"
+DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
 BLOCK_BYTES = 16 << 20  # bytes of real images per Ray Data block
 
 
@@ -238,18 +240,38 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
         if epoch + 1 == epochs:
             done[name] = {"accuracy": accuracy, "epochs": epochs, "history": list(history), "resumed_from": start,
                           "train_images": spec["train_images"], "mode": spec["mode"]}
-        metrics = {"current": name, "epoch": epoch + 1, "done": dict(done)}
+        # The reported metrics stay small (Ray Train logs each report): the results travel in the checkpoint.
+        metrics = {"current": name, "epoch": epoch + 1, "finished": len(done)}
         if rank == 0:  # every worker reports; rank 0 alone saves the (replicated) state
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                             "history": history, "current": name, "done": dict(done)},
                            os.path.join(d, CHECKPOINT_FILE))
+                with open(os.path.join(d, DONE_FILE), "w") as f:
+                    json.dump(done, f)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            if config.get("progress") is not None:  # the driver's bar: one epoch of one classifier
+                try:
+                    config["progress"].put_nowait((name, epoch + 1, spec["train_images"]))
+                except Exception:  # a full or lost queue costs the bar a tick, never the run
+                    pass
         else:
             ray.train.report(metrics)
 
 
 # --- driver ----------------------------------------------------------------------------------------
+
+
+def _done(result) -> dict:
+    """The finished classifiers of a Ray Train result: its latest checkpoint's done.json (older runs reported
+    them in the metrics)."""
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            path = os.path.join(d, DONE_FILE)
+            if os.path.exists(path):
+                with open(path) as f:
+                    return dict(json.load(f))
+    return dict((result.metrics or {}).get("done") or {})
 
 
 def _finished(path: str, storage_filesystem) -> dict:
@@ -260,7 +282,43 @@ def _finished(path: str, storage_filesystem) -> dict:
         result = Result.from_path(path, storage_filesystem=storage_filesystem)
     except RuntimeError:  # no run there yet, or no checkpoint reported
         return {}
-    return dict((result.metrics or {}).get("done") or {})
+    return _done(result)
+
+
+def _fit_with_bar(trainer, queue, total: int, progress: bool):
+    """``trainer.fit()`` (on this thread: Ray Train handles signals) while a thread moves a bar over the
+    images trained (epochs x set size), fed through ``queue`` by the rank-0 worker."""
+    import threading
+
+    if queue is None:
+        return trainer.fit()
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(queue, stop, total), name="downstream-bar", daemon=True)
+    follower.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        follower.join(timeout=5)
+
+
+def _follow(queue, stop, total: int) -> None:
+    import queue as queues
+
+    from factory.console import bar
+
+    with bar(total, "downstream", unit="img") as shown:
+        while True:
+            try:
+                name, epoch, images = queue.get(timeout=0.5)
+            except queues.Empty:
+                if stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor went away with Ray: the run decides
+                return
+            shown.update(images)
+            shown.set_postfix_str(f"{name} epoch {epoch}", refresh=False)
 
 
 def train_and_evaluate_many(
@@ -271,6 +329,7 @@ def train_and_evaluate_many(
     name: str,
     seed: int = 0,
     storage_filesystem=None,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Train one classifier per ``(run name, train_parquet, real_train)`` in ONE Ray Train run.
 
@@ -279,6 +338,7 @@ def train_and_evaluate_many(
     ``<storage_path>/<name>``; a rerun skips the finished classifiers and resumes the one in progress.
     Returns run name -> ``{"accuracy", "epochs", "train_images", "mode", "history", "resumed_from",
     "epochs_trained"}``, where ``epochs_trained`` counts the epochs this call ran (0: read back).
+    ``progress``: a bar over the images to train (count, images/s, ETA), fed by the rank-0 worker.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -302,8 +362,12 @@ def train_and_evaluate_many(
             "runs": specs, "model": cfg.model, "num_classes": test.num_classes,
             "in_channels": 1 if test.mode == "L" else 3, "image_size": max(test.size), "epochs": cfg.epochs,
             "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed,
-            "test_images": test.to_float(), "test_labels": test.labels,
+            "test_images": test.to_float(), "test_labels": test.labels, "progress": None,
         }
+        if progress:
+            from ray.util.queue import Queue
+
+            config["progress"] = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=config,
@@ -314,7 +378,11 @@ def train_and_evaluate_many(
             ),
             datasets=datasets,
         )
-        done = dict(trainer.fit().metrics["done"])
+        total = sum(s["train_images"] * (cfg.epochs - before.get(s["name"], {}).get("epochs", 0)) for s in specs)
+        result = _fit_with_bar(trainer, config["progress"], total, progress)
+        if config["progress"] is not None:
+            config["progress"].shutdown()
+        done = _done(result)
     out = {}
     for run_name, _, _ in runs:
         r = done[run_name]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import platform
 import subprocess
 import time
@@ -23,6 +24,9 @@ from factory.data import RealSet, decode_image, load_real
 from factory.dataplane import ShardFailed, ensure_ray, pending_shards, run_shards
 from factory.plan import Plan, RecipePlan, images_per_class
 from factory.shards import ShardSink
+
+
+LOG = logging.getLogger("factory.run")
 
 
 class ShardError(RuntimeError):
@@ -85,7 +89,8 @@ def _as_float(images: np.ndarray) -> torch.Tensor:
     return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
 
 
-def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet) -> dict:
+def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet,
+                  progress: bool = False) -> dict:
     """metrics.json content: recipe -> counts per class and PRDC / F1 / FD / hardness vs the test split."""
     from factory import metrics
     from factory.generate import build_features, embed
@@ -102,13 +107,20 @@ def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test
     sets = {"real": (train.images[real_keep], train.labels[real_keep])}
     for rp in plan.recipes:
         sets[rp.recipe] = read_recipe(sink, rp.recipe, train.mode)
+    from factory.console import bar
+
+    shown = bar(sum(len(labels) for _, labels in sets.values()), "scoring", unit="img", disable=not progress)
     for name, (images, labels) in sets.items():
+        shown.set_postfix_str(name, refresh=False)
         feats = embed(features, _as_float(images))
         m = metrics.summary(test_feats, test_labels, feats, torch.from_numpy(labels), gaussian, k=cfg.eval.k)
         counts = np.bincount(labels, minlength=train.num_classes)
         m["num_images"] = int(len(labels))
         m["count_per_class"] = {train.class_names[c]: int(counts[c]) for c in plan.labels}
         out[name] = m
+        LOG.info("scored %s: %s", name, {k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
+        shown.update(len(labels))
+    shown.close()
     return out
 
 
@@ -151,7 +163,7 @@ def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | 
 
 
 def downstream_accuracy(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet,
-                        metrics: dict) -> None:
+                        metrics: dict, progress: bool = False) -> None:
     """Train the downstream classifier per recipe and mode on Ray Train; accuracies go into ``metrics``."""
     import os
 
@@ -171,8 +183,10 @@ def downstream_accuracy(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet
             if mode != "real":
                 runs.append((f"{rp.recipe}-{mode}", files, train if mode == "mixed" else None))
     # every classifier in one Ray Train run: its start-up, tens of seconds on 2 cores, is paid once
-    results = train_and_evaluate_many(runs, test, cfg.downstream, storage, "downstream", seed=cfg.seed)
+    results = train_and_evaluate_many(runs, test, cfg.downstream, storage, "downstream", seed=cfg.seed,
+                                      progress=progress)
     for run_name, result in results.items():
+        LOG.info("downstream %s: accuracy %.4f, history %s", run_name, result["accuracy"], result["history"])
         name, mode = run_name.rsplit("-", 1)
         metrics[name].setdefault("downstream", {})[mode] = round(float(result["accuracy"]), 4)
 
@@ -260,7 +274,7 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -
         for row in run_shards(
             plan, pending, functools.partial(SyntheticProducer, cfg.to_dict(), adapters), output, cfg.output.formats,
             num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
-            num_gpus=cfg.executor.num_gpus, progress=progress, desc=f"{cfg.name} shards",
+            num_gpus=cfg.executor.num_gpus, progress=progress, desc="sampling",
         ):
             made += not row["skipped"]
     except Exception as e:
@@ -270,10 +284,13 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -
         sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
         raise ShardError(f"{what} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
-    metrics = score_recipes(cfg, sink, plan, train, test)
+    LOG.info("sampling: %d shards made, %d already complete, %.1f s", made, len(plan) - len(pending), t_score - t_sample)
+    metrics = score_recipes(cfg, sink, plan, train, test, progress=progress)
     t_train = time.perf_counter()
+    LOG.info("scoring: %.1f s", t_train - t_score)
     if cfg.downstream.enabled:
-        downstream_accuracy(cfg, sink, plan, train, test, metrics)
+        downstream_accuracy(cfg, sink, plan, train, test, metrics, progress=progress)
+        LOG.info("downstream: %.1f s", time.perf_counter() - t_train)
     wall = {"finetune": round(t_sample - t_finetune, 2),
             "sampling": round(t_score - t_sample, 2), "scoring": round(t_train - t_score, 2),
             "downstream": round(time.perf_counter() - t_train, 2)}
