@@ -98,3 +98,29 @@ def s3(local_ray_env):
     yield server, port
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+TINY_RUN = {
+    "name": "tiny",
+    "seed": 5,
+    "data": {"source": "digits", "classes": ["1", "4", "7"]},
+    "sampling": {"steps": 2, "shard_size": 2},
+    "executor": {"num_actors": [1, 1]},
+    "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 3}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(local_ray, tmp_path_factory):
+    """One real ``factory run`` of TINY_RUN (3 classes x 3 images in shards of 2: 6 shards, 9 images), made once
+    for the tests that read or copy a finished output: (config path, output folder)."""
+    import yaml
+
+    from factory.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN))
+    out = str(tmp / "out")
+    assert main(["run", str(config), "--output", out, "--quiet"]) == 0
+    return str(config), out

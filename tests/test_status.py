@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from factory.cli import main
 from factory.dataplane import ShardFailed, pending_shards, run_shards
@@ -18,25 +17,10 @@ from factory.status import plan_record, status
 
 s3fs = pytest.importorskip("s3fs")
 
-TINY = {
-    "name": "tiny-status",
-    "seed": 7,
-    "data": {"source": "digits", "classes": ["2", "3", "5"]},
-    "sampling": {"steps": 2, "shard_size": 2},
-    "executor": {"num_actors": [1, 1]},
-    "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 3}},
-}
-
-
 @pytest.fixture(scope="module")
-def made(s3, local_ray, tmp_path_factory):
-    """One tiny real run (3 classes x 3 images in shards of 2: 6 shards, 9 images)."""
-    tmp = tmp_path_factory.mktemp("status")
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    out = str(tmp / "out")
-    assert main(["run", str(config), "--output", out, "--quiet"]) == 0
-    return out
+def made(s3, tiny_run):
+    """The session's tiny real run: 3 classes (1, 4, 7) x 3 images in shards of 2, 6 shards, 9 images."""
+    return tiny_run[1]
 
 
 def _status_json(capsys, output, *extra):
@@ -49,7 +33,7 @@ def test_finished_run_local_and_on_s3(made, capsys):
     fs.put(made, "factory-test/status/out", recursive=True)
     for output in (made, "s3://factory-test/status/out"):
         st = _status_json(capsys, output)
-        assert st["state"] == "complete" and st["config"] == "tiny-status"
+        assert st["state"] == "complete" and st["config"] == "tiny"
         (cfg,) = st["recipes"]
         assert (cfg["shards_done"], cfg["shards_planned"], cfg["images_done"], cfg["images_planned"]) == (6, 6, 9, 9)
         assert cfg["eta_seconds"] == 0 and cfg["failed"] == [] and st["total"]["images_done"] == 9
@@ -68,9 +52,9 @@ def test_throughput_and_eta_from_marker_times(made, tmp_path):
     rec.update(state="running", started=t0)
     rec.pop("finished")
     open(f"{out}/run.json", "w").write(json.dumps(rec))
-    os.remove(f"{out}/cfg/_stats/c00002-s00000.json")
-    os.remove(f"{out}/cfg/_stats/c00005-s00000.json")
-    committed = {"c00002-s00001": 10, "c00003-s00000": 20, "c00003-s00001": 30, "c00005-s00001": 40}  # 1+2+1+1 images
+    os.remove(f"{out}/cfg/_stats/c00001-s00000.json")
+    os.remove(f"{out}/cfg/_stats/c00007-s00000.json")
+    committed = {"c00001-s00001": 10, "c00004-s00000": 20, "c00004-s00001": 30, "c00007-s00001": 40}  # 1+2+1+1 images
     for name, dt in committed.items():
         os.utime(f"{out}/cfg/_stats/{name}.json", (t0 + dt, t0 + dt))
 

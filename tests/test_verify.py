@@ -8,35 +8,23 @@ import shutil
 
 import fsspec
 import pytest
-import yaml
 
 from factory.cli import main
 from factory.verify import verify
 
 s3fs = pytest.importorskip("s3fs")
 
-TINY = {
-    "name": "tiny-verify",
-    "seed": 5,
-    "data": {"source": "digits", "classes": ["1", "4", "7"]},
-    "sampling": {"steps": 2, "shard_size": 2},
-    "executor": {"num_actors": [1, 1]},
-    "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 3}},
-}
 SHARDS = [f"c{c:05d}-s{i:05d}" for c in (1, 4, 7) for i in (0, 1)]
 SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 
 
 @pytest.fixture(scope="module")
-def made(s3, local_ray, tmp_path_factory):
-    """One tiny real run; each test corrupts a copy of it."""
-    tmp = tmp_path_factory.mktemp("verify")
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    out = str(tmp / "out")
-    assert main(["run", str(config), "--output", out, "--quiet"]) == 0
+def made(s3, tiny_run):
+    """The session's tiny real run (S3 settings first, so that the reruns' Ray workers reach the endpoint);
+    each test corrupts a copy of it."""
+    config, out = tiny_run
     markers = {n: json.load(open(f"{out}/cfg/_stats/{n}.json")) for n in SHARDS}
-    return str(config), out, markers
+    return config, out, markers
 
 
 def _flip(data: bytes) -> bytes:
