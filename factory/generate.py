@@ -74,16 +74,30 @@ class SyntheticProducer:
     """``adapters``: recipe -> the Real-Fake LoRA adapter (folder or URI) its shards sample with; a recipe
     with a ``finetune`` block needs one (``factory run`` fine-tunes first). Loaded lazily, per recipe."""
 
-    def __init__(self, config: dict | Config, adapters: dict[str, str] | None = None):
+    def __init__(self, config: dict | Config, adapters: dict[str, str] | None = None, bank: str | None = None,
+                 storage_options: dict | None = None):
+        from factory.stages.references import ClassImages, RealInfo, ReferenceBank
+
         self.cfg = config if isinstance(config, Config) else from_dict(config)
         self.adapters = dict(adapters or {})
         self._backbones: dict = {}
         torch.set_num_threads(self.cfg.executor.torch_threads)
         data = self.cfg.data
-        self.train = load_real(data.source, "train", data.root)
-        self.backbone = build_backbone(self.cfg, self.train)
+        # ``bank``: a run's output with its reference bank, read one class at a time (the run's way); without
+        # one the producer stands alone and loads and embeds the train split itself
+        self.bank = None if bank is None else ReferenceBank(bank, storage_options)
+        if self.bank is not None:
+            self.train, self.info = None, self.bank.info()
+            self._class_images = ClassImages(data.source, data.root)
+        else:
+            self.train = load_real(data.source, "train", data.root)
+            counts = np.bincount(self.train.labels, minlength=self.train.num_classes).tolist()
+            self.info = RealInfo(list(self.train.class_names), self.train.size, self.train.mode, {"train": counts})
+        self.backbone = build_backbone(self.cfg, self.info)
         self.features = build_features(self.cfg)
         self._train_features: torch.Tensor | None = None
+        self._train_labels: torch.Tensor | None = None
+        self._class_cache: dict[int, torch.Tensor] = {}
         self._guidance: dict = {}  # per (recipe, class, shard) energies; per recipe discriminators
 
     def backbone_for(self, recipe: str):
@@ -95,17 +109,44 @@ class SyntheticProducer:
                                  "(factory run makes it before sampling)")
             return self.backbone
         if recipe not in self._backbones:
-            self._backbones[recipe] = build_backbone(self.cfg, self.train, lora=path)
+            self._backbones[recipe] = build_backbone(self.cfg, self.info, lora=path)
         return self._backbones[recipe]
 
     @property
     def train_features(self) -> torch.Tensor:
+        """Every train feature (the low-density recipe's class Gaussians and discriminator need them all)."""
         if self._train_features is None:
-            self._train_features = embed(self.features, torch.from_numpy(self.train.to_float()))
+            if self.bank is not None:
+                have = [c for c, n in enumerate(self.info.counts["train"]) if n]
+                feats = [self.bank.features("train", c) for c in have]
+                self._train_labels = torch.cat([torch.full((len(f),), c, dtype=torch.long) for c, f in zip(have, feats)])
+                self._train_features = torch.cat(feats)
+            else:
+                self._train_features = embed(self.features, torch.from_numpy(self.train.to_float()))
+                self._train_labels = torch.from_numpy(self.train.labels)
         return self._train_features
 
+    @property
+    def train_labels(self) -> torch.Tensor:
+        self.train_features
+        return self._train_labels
+
     def _class_features(self, label: int) -> torch.Tensor:
-        return self.train_features[torch.from_numpy(self.train.labels == label)]
+        if self.bank is None:
+            return self.train_features[self.train_labels == label]
+        if label not in self._class_cache:
+            if len(self._class_cache) >= 4:  # an actor makes a few classes at a time: keep a few, not all
+                self._class_cache.pop(next(iter(self._class_cache)))
+            self._class_cache[label] = self.bank.features("train", label)
+        return self._class_cache[label]
+
+    def _class_pixels(self, label: int) -> torch.Tensor:
+        """The class's real train images as float pixels in [-1, 1] (the latent prior's init images)."""
+        if self.bank is None:
+            return torch.from_numpy(self.train.to_float()[self.train.labels == label])
+        from factory.stages.references import as_float
+
+        return as_float(self._class_images("train", label))
 
     def _energy(self, e: EnergyConfig, recipe: str, shard: Shard):
         from factory import guidance
@@ -129,7 +170,7 @@ class SyntheticProducer:
             identity = bool(p.pop("identity_precision", True))
             p.pop("baseline_per_class", None)  # used by _discriminator
             means, precisions = guidance.fit_class_gaussians(
-                self.train_features, torch.from_numpy(self.train.labels), self.train.num_classes,
+                self.train_features, self.train_labels, self.info.num_classes,
                 identity_precision=identity)
             disc = self._discriminator(recipe) if float(p.get("beta", 0.0)) > 0 else None
             return guidance.LowDensityEnergy(means, None if identity else precisions, label=shard.label,
@@ -140,7 +181,7 @@ class SyntheticProducer:
         from factory.plan import images_per_class
 
         r = self.cfg.recipes[recipe]
-        return images_per_class(r.scale, r.images_per_class, len(self.train.labels), self.train.num_classes)
+        return images_per_class(r.scale, r.images_per_class, self.info.train_size(), self.info.num_classes)
 
     def _discriminator(self, recipe: str):
         """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001).
@@ -156,7 +197,7 @@ class SyntheticProducer:
             (e,) = [e for e in r.energies if e.name == "lowdensity"]
             per_class = int(e.params.get("baseline_per_class", 64))
             fakes, backbone = [], self.backbone_for(recipe)
-            for label in range(self.train.num_classes):
+            for label in range(self.info.num_classes):
                 g = torch.Generator().manual_seed(shard_seed(self.cfg.seed, f"{recipe}/baseline", label, 0))
                 labels = torch.full((per_class,), label, dtype=torch.long)
                 images = sample(backbone, backbone.scheduler, labels, g, self.cfg.sampling.steps,
@@ -206,7 +247,7 @@ class SyntheticProducer:
         step = recipe.progressive_batch or shard.num_images
         init_pool = None
         if recipe.init_strength < 1.0:
-            init_pool = torch.from_numpy(self.train.to_float()[self.train.labels == shard.label])
+            init_pool = self._class_pixels(shard.label)
         images, frozen = [], None
         # Greedy progressive matching: each sub-batch is guided given the frozen samples before it.
         for start in range(0, shard.num_images, step):
@@ -234,11 +275,15 @@ class SyntheticProducer:
         return images
 
     def __call__(self, shard: Shard) -> list[dict]:
-        arrays = to_uint8(self.sample_shard(shard))
+        from factory.stages.score import features_column
+
+        images = self.sample_shard(shard)
+        feats = features_column(images, self.features)  # in the evaluation space: scoring reads this column
+        arrays = to_uint8(images)
         out = self.cfg.output
-        names = list(self.train.class_names)  # the Parquet ClassLabel's names: all of the real set's
+        names = list(self.info.class_names)  # the Parquet ClassLabel's names: all of the real set's
         return [
             {"key": shard.key(i), "image": encode_image(a, out.codec, out.quality), "label": shard.label,
-             "class_name": shard.class_name, "seed": shard.seed, "class_names": names}
+             "class_name": shard.class_name, "seed": shard.seed, "class_names": names, "features": feats[i].tolist()}
             for i, a in enumerate(arrays)
         ]

@@ -138,7 +138,43 @@ def frechet_distance(real, fake) -> float:
     covariances (fewer points than dimensions) need no ε offset and no complex parts. Float64; clipped at 0.
     """
     (m1, c1), (m2, c2) = _mean_cov(_t(real)), _mean_cov(_t(fake))
-    m1, c1, m2, c2 = (v.cpu().numpy() for v in (m1, c1, m2, c2))
+    return frechet_from_moments(m1, c1, m2, c2)
+
+
+class Moments:
+    """Streamed sufficient statistics of a feature set (count, sum, sum of outer products, float64, around a
+    fixed shift for stability): sets of any size are summed in parts and merged, in memory O(D²)."""
+
+    def __init__(self, dim: int, shift=None):
+        self.n = 0
+        self.shift = torch.zeros(dim, dtype=torch.float64) if shift is None else torch.as_tensor(shift).double()
+        self.s1 = torch.zeros(dim, dtype=torch.float64)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, x) -> "Moments":
+        y = _t(x).double().cpu() - self.shift
+        self.n += len(y)
+        self.s1 += y.sum(0)
+        self.s2 += y.T @ y
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        if not torch.equal(self.shift, other.shift):
+            raise ValueError("moments around different shifts")
+        self.n += other.n
+        self.s1 += other.s1
+        self.s2 += other.s2
+        return self
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.s1 / max(self.n, 1)
+        cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1) if self.n > 1 else torch.zeros_like(self.s2)
+        return self.shift + m, (cov + cov.T) / 2
+
+
+def frechet_from_moments(m1, c1, m2, c2) -> float:
+    """FID's formula from two (mean, covariance) pairs; see :func:`frechet_distance`."""
+    m1, c1, m2, c2 = (torch.as_tensor(v).cpu().numpy() for v in (m1, c1, m2, c2))
     w, v = np.linalg.eigh(c1)
     a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(a @ c2 @ a), 0, None)).sum()
@@ -160,7 +196,7 @@ class ClassGaussian:
     """
 
     def __init__(self, features, labels, num_classes: int | None = None, ridge: float = 1e-3,
-                 identity: bool = False):
+                 identity: bool = False, feature_var: float | None = None):
         x = _t(features)
         y = torch.as_tensor(labels, device=x.device).long().reshape(-1)
         if len(y) != len(x) or len(x) == 0:
@@ -169,7 +205,8 @@ class ClassGaussian:
         if y.min() < 0 or y.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
         self.dim, self.identity, self.ridge = x.shape[1], identity, ridge
-        var = _mean_cov(x)[1].diagonal().mean().item()
+        # the ridge's scale: given when the classes are fitted apart (the mean per-dimension variance of them all)
+        var = _mean_cov(x)[1].diagonal().mean().item() if feature_var is None else float(feature_var)
         lam = ridge * (var if var > 0 else 1.0)
         C, D = self.num_classes, self.dim
         self.counts = torch.bincount(y, minlength=C).cpu()

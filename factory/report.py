@@ -18,7 +18,7 @@ Sections, in order:
 
 The feature-space sections read each recipe's Parquet back and embed it with the run's evaluation features
 (``features`` in the config); the class Gaussians are fitted on the real train split's features, as in
-``run.score_recipes``. To stay cheap on large runs, at most ``MAX_IMAGES`` images per recipe (and of the real test
+``factory.stages.score``. To stay cheap on large runs, at most ``MAX_IMAGES`` images per recipe (and of the real test
 split) are read, a uniform sample without replacement drawn with a fixed seed from the planned images, so the same
 run always gives the same page and at most ``MAX_IMAGES`` shard files are opened per recipe; the real train split is
 likewise capped at ``MAX_TRAIN`` images (then the nearest-neighbour distances are upper bounds). At digits scale

@@ -20,7 +20,7 @@ import torch
 
 from factory import __version__
 from factory.config import Config, ConfigError
-from factory.data import RealSet, decode_image, load_real
+from factory.data import RealSet, load_real
 from factory.dataplane import ShardFailed, ensure_ray, pending_shards, run_shards
 from factory.plan import Plan, RecipePlan, images_per_class
 from factory.shards import ShardSink
@@ -59,69 +59,21 @@ def resolve_labels(cfg: Config, real: RealSet) -> list[int]:
     return labels
 
 
-def build_plan(cfg: Config, train: RealSet) -> Plan:
+def build_plan(cfg: Config, train) -> Plan:
+    """The run's plan from its real train split: a loaded ``RealSet`` or a ``RealInfo`` (metadata only)."""
     labels = resolve_labels(cfg, train)
+    size = train.train_size() if hasattr(train, "train_size") else len(train.labels)
     recipes = [
-        RecipePlan(name, images_per_class(r.scale, r.images_per_class, len(train.labels), train.num_classes),
+        RecipePlan(name, images_per_class(r.scale, r.images_per_class, size, train.num_classes),
                    cfg.sampling.shard_size)
         for name, r in cfg.recipes.items()
     ]
     return Plan(recipes, labels, train.class_names, cfg.seed)
 
 
-def read_recipe(sink: ShardSink, recipe: str, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8, converted to ``mode`` when given: WebP has no grey mode) and labels a recipe's
-    Parquet shards hold, in shard order."""
-    import pyarrow.parquet as pq
-
-    images, labels = [], []
-    for path in sink.shard_files(recipe, "parquet"):
-        table = pq.read_table(path, filesystem=sink.fs, columns=["key", "image", "label"])
-        for key, img, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-            im = decode_image(img, f"{path}:{key}")
-            images.append(np.asarray(im.convert(mode) if mode else im))
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
 def _as_float(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
     return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-
-
-def score_recipes(cfg: Config, sink: ShardSink, plan: Plan, train: RealSet, test: RealSet,
-                  progress: bool = False) -> dict:
-    """metrics.json content: recipe -> counts per class and PRDC / F1 / FD / hardness vs the test split."""
-    from factory import metrics
-    from factory.generate import build_features, embed
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    features = build_features(cfg)
-    keep = np.isin(test.labels, plan.labels)
-    test_feats = embed(features, _as_float(test.images[keep]))
-    test_labels = torch.from_numpy(test.labels[keep])
-    train_feats = embed(features, _as_float(train.images))
-    gaussian = metrics.ClassGaussian(train_feats, torch.from_numpy(train.labels))
-    out = {}
-    real_keep = np.isin(train.labels, plan.labels)
-    sets = {"real": (train.images[real_keep], train.labels[real_keep])}
-    for rp in plan.recipes:
-        sets[rp.recipe] = read_recipe(sink, rp.recipe, train.mode)
-    from factory.console import bar
-
-    shown = bar(sum(len(labels) for _, labels in sets.values()), "scoring", unit="img", disable=not progress)
-    for name, (images, labels) in sets.items():
-        shown.set_postfix_str(name, refresh=False)
-        feats = embed(features, _as_float(images))
-        m = metrics.summary(test_feats, test_labels, feats, torch.from_numpy(labels), gaussian, k=cfg.eval.k)
-        counts = np.bincount(labels, minlength=train.num_classes)
-        m["num_images"] = int(len(labels))
-        m["count_per_class"] = {train.class_names[c]: int(counts[c]) for c in plan.labels}
-        out[name] = m
-        LOG.info("scored %s: %s", name, {k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
-        shown.update(len(labels))
-    shown.close()
-    return out
 
 
 def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | None = None,
@@ -248,10 +200,12 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -
     from factory.status import plan_record
     from factory.verify import drop_incomplete, verify as verify_output
 
+    from factory.stages.references import build_reference_bank, real_info
+    from factory.stages.score import score_sets
+
     t_start = time.perf_counter()
-    train = load_real(cfg.data.source, "train", cfg.data.root)
-    test = load_real(cfg.data.source, "test", cfg.data.root)
-    plan = build_plan(cfg, train)
+    info = real_info(cfg)  # names, size, mode, counts: from a prepared set's class index, no images
+    plan = build_plan(cfg, info)
     # Load the models once on the driver: a missing checkpoint fails here, before any shard is written.
     SyntheticProducer(cfg)
     sink = ShardSink(output, cfg.output.formats)
@@ -266,13 +220,19 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -
     else:
         healed = drop_incomplete(plan, sink, cfg.output.formats)
     pending = pending_shards(plan, sink)
+    t_refs = time.perf_counter()
+    build_reference_bank(cfg, output, info, plan.labels, progress=progress)
     t_finetune = time.perf_counter()
+    train = test = None  # the stages not yet streaming (fine-tune, downstream) load the splits when they run
+    if any(r.finetune is not None for r in cfg.recipes.values()):
+        train = load_real(cfg.data.source, "train", cfg.data.root)
     adapters, finetuned = finetune_recipes(cfg, sink, train, {plan.shard(s).recipe for s in pending})
     made = 0
     t_sample = time.perf_counter()
     try:
         for row in run_shards(
-            plan, pending, functools.partial(SyntheticProducer, cfg.to_dict(), adapters), output, cfg.output.formats,
+            plan, pending, functools.partial(SyntheticProducer, cfg.to_dict(), adapters, output), output,
+            cfg.output.formats,
             num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
             num_gpus=cfg.executor.num_gpus, progress=progress, desc="sampling",
         ):
@@ -285,13 +245,17 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False) -
         raise ShardError(f"{what} (completed shards are kept; rerun to resume)") from e
     t_score = time.perf_counter()
     LOG.info("sampling: %d shards made, %d already complete, %.1f s", made, len(plan) - len(pending), t_score - t_sample)
-    metrics = score_recipes(cfg, sink, plan, train, test, progress=progress)
+    sets = {"real": sum(info.counts["train"][c] for c in plan.labels), **{rp.recipe: rp.images_per_class * len(plan.labels)
+                                                                          for rp in plan.recipes}}
+    metrics = score_sets(cfg, output, sets, plan.labels, info.class_names, progress=progress)
     t_train = time.perf_counter()
     LOG.info("scoring: %.1f s", t_train - t_score)
     if cfg.downstream.enabled:
+        train = train or load_real(cfg.data.source, "train", cfg.data.root)
+        test = load_real(cfg.data.source, "test", cfg.data.root)
         downstream_accuracy(cfg, sink, plan, train, test, metrics, progress=progress)
         LOG.info("downstream: %.1f s", time.perf_counter() - t_train)
-    wall = {"finetune": round(t_sample - t_finetune, 2),
+    wall = {"references": round(t_finetune - t_refs, 2), "finetune": round(t_sample - t_finetune, 2),
             "sampling": round(t_score - t_sample, 2), "scoring": round(t_train - t_score, 2),
             "downstream": round(time.perf_counter() - t_train, 2)}
     wall["total"] = round(time.perf_counter() - t_start, 2)

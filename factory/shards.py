@@ -2,7 +2,7 @@
 
 Layout under the run's output URI::
 
-    <output>/<recipe>/parquet/<shard>.parquet     key, image {bytes, path}, label, class_name, seed
+    <output>/<recipe>/parquet/<shard>.parquet     key, image {bytes, path}, label, class_name, seed[, features]
     <output>/<recipe>/webdataset/<shard>.tar      <key>.png|jpg|webp, <key>.cls, <key>.json
     <output>/<recipe>/_stats/<shard>.json         written last: the shard's completion marker
 
@@ -65,10 +65,17 @@ def hf_features(class_names: list[str] | None = None) -> dict:
             "class_name": {"dtype": "string", "_type": "Value"}, "seed": {"dtype": "int64", "_type": "Value"}}
 
 
-def parquet_schema(class_names: list[str] | None = None) -> pa.Schema:
-    """PARQUET_SCHEMA with the ``huggingface`` metadata ``datasets`` reads its features from."""
-    meta = {"info": {"features": hf_features(class_names)}}
-    return PARQUET_SCHEMA.with_metadata({"huggingface": json.dumps(meta)})
+def parquet_schema(class_names: list[str] | None = None, feature_dim: int | None = None) -> pa.Schema:
+    """PARQUET_SCHEMA with the ``huggingface`` metadata ``datasets`` reads its features from, and, with
+    ``feature_dim``, the ``features`` column: each image's vector in the run's evaluation space (scoring reads
+    it instead of decoding and re-embedding the pixels)."""
+    features = hf_features(class_names)
+    schema = PARQUET_SCHEMA
+    if feature_dim:
+        schema = schema.append(pa.field("features", pa.list_(pa.float32(), feature_dim)))
+        features["features"] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": feature_dim,
+                                "_type": "List"}
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
 def encode_parquet(records: list[dict], class_names: list[str] | None = None) -> bytes:
@@ -76,12 +83,15 @@ def encode_parquet(records: list[dict], class_names: list[str] | None = None) ->
     order, for the ClassLabel; else the records' optional ``class_names`` (the producer's), else none."""
     if class_names is None and records:
         class_names = records[0].get("class_names")
+    dim = len(records[0]["features"]) if records and records[0].get("features") is not None else None
     rows = []
     for r in records:
         row = {k: r[k] for k in PARQUET_SCHEMA.names}
         row["image"] = {"bytes": r["image"], "path": f"{r['key']}.{image_extension(r['image'])}"}
+        if dim:
+            row["features"] = r["features"]
         rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=parquet_schema(class_names))
+    table = pa.Table.from_pylist(rows, schema=parquet_schema(class_names, dim))
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
