@@ -27,7 +27,11 @@ def _cmd_run(args) -> int:
     from factory import console
 
     cfg = load_config(args.config, args.set)
-    output = args.output or str(Path("runs") / Path(args.config).stem)
+    output = args.output or str(Path("runs") / Path(args.config).stem + ("-rehearsal" if args.rehearse else ""))
+    if args.rehearse:  # the job at full shape with tiny models and generated data; the user's --set last
+        from factory.rehearse import rehearsal_overrides
+
+        cfg = load_config(args.config, rehearsal_overrides(cfg, output, args.rehearse_size) + (args.set or []))
     console.set_verbose(args.verbose)  # before Ray starts: what Ray prints reaches the console with --verbose
     log = console.start_log(output)
     t0 = time.perf_counter()
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the summary table")
     p.add_argument("--verify", action="store_true",
                    help="first verify every committed shard (sha256, decoding) and re-make the bad ones")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run every stage at the job's full shape with tiny random models of the same kinds, a "
+                        "generated real set with its classes and this machine's CPUs (factory/rehearse.py)")
+    p.add_argument("--rehearse-size", type=int, default=32, help="side of the rehearsal's generated images (px)")
     p.set_defaults(fn=_cmd_run)
 
     p = sub.add_parser("status", help="a run's progress from its output: shards, images, img/s, ETA, failures")

@@ -5,8 +5,6 @@ written)."""
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +58,8 @@ def test_cluster_job_plan_sizes(name):
     assert cfg.output.formats == ["parquet", "webdataset"]
     assert cfg.data.root.startswith("s3://") and cfg.data.source == "parquet"
     assert cfg.features.name == "dinov2"
-    est = estimate(cfg)  # h100 by default for GPU jobs; every figure an estimate from FLOP counts
-    assert est["device"]["key"] == "h100" and all(r["rate"] == "estimate" for r in est["recipes"])
+    est = estimate(cfg)  # h100 by default for GPU jobs: FLOP counts at the MFU the GPU suite measured
+    assert est["device"]["key"] == "h100" and all(r["rate"] == "measured-mfu" for r in est["recipes"])
     assert est["device_hours"] > 0 and est["cost"]["on_demand"] > est["cost"]["spot"] > 0
 
 
@@ -116,66 +114,17 @@ def test_the_13m_image_plan_and_estimate():
     assert "12,812,000" in text and "GPU-hours" in text
 
 
-# ------------------------------------------------------------------------------------- the tiny swap
+# ------------------------------------------------------------------------------------- the rehearsal
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """Random-weight tiny sd15 / dit-xl-2 pipelines and a tiny DINOv2, saved as folders (as test_backbones)."""
-    from factory.bench import build_components, build_features_model, save_pipeline
-
-    root = tmp_path_factory.mktemp("tiny-models")
-    out = {}
-    for name in ("sd15", "dit-xl-2"):
-        comps = build_components(name, "tiny", seed=1)
-        comps.pop("tiny_vae")
-        save_pipeline(comps, root / name)
-        out[name] = str(root / name)
-    model, _ = build_features_model("dinov2", "tiny", seed=2)
-    model.save_pretrained(str(root / "dinov2"))
-    (root / "dinov2" / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.485, 0.456, 0.406],
-         "image_std": [0.229, 0.224, 0.225]}))
-    out["dinov2"] = str(root / "dinov2")
-    return out
-
-
-def _write_real_set(root: Path, class_names: list[str], train_per_class: int = 6, test_per_class: int = 3):
-    """A tiny RGB 32x32 real set in the jobs' Parquet layout: <root>/{train,test}/*.parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        rows = {"key": [], "image": [], "label": [], "class_name": []}
-        for label, name in enumerate(class_names):
-            base = rng.integers(0, 256, size=3)
-            for i in range(n):
-                img = np.clip(base + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(img, "RGB").save(buf, format="PNG")
-                rows["key"].append(f"{split}_{label}_{i}")
-                rows["image"].append(buf.getvalue())
-                rows["label"].append(label)
-                rows["class_name"].append(name)
-        (root / split).mkdir(parents=True)
-        pq.write_table(pa.table(rows), root / split / "part-0.parquet")
-
-
-def _tiny_overrides(name: str, models: dict, data_root: Path, classes: list[str]) -> list[str]:
-    """--set overrides: tiny local models and data, CPU executor, a shrunk plan; recipes otherwise as written."""
+def _shrink(name: str) -> list[str]:
+    """--set overrides that shrink a job's plan to 3 classes x 3 images; recipes otherwise as written."""
     raw = yaml.safe_load(_job(name).read_text())
-    backbone = raw["backbone"]["name"]
-    sets = [f"data.root={data_root}", f"backbone.checkpoint={models[backbone]}", "backbone.options.dtype=fp32",
-            f"features.checkpoint={models['dinov2']}", "features.options.dtype=fp32",
-            "sampling.steps=5", "sampling.shard_size=2",
-            "executor.num_gpus=0", "executor.num_cpus=1", "executor.torch_threads=1", "executor.num_actors=[1,2]",
-            "eval.k=2"]
+    sets = ["sampling.steps=5", "sampling.shard_size=2", "eval.k=2"]
     if raw["data"].get("classes") is not None:
-        sets.append(f"data.classes=[{', '.join(classes)}]")
+        sets.append(f"data.classes=[{', '.join(raw['data']['classes'][:3])}]")  # the job's first classes
     if raw["data"].get("num_classes") is not None:
-        sets.append(f"data.num_classes={len(classes)}")
+        sets.append("data.num_classes=3")
     for recipe, r in raw["recipes"].items():
         sets.append(f"recipes.{recipe}.images_per_class=3")  # two shards per class: one of 2, one of 1
         if r.get("progressive_batch", 0) > 1:
@@ -184,34 +133,37 @@ def _tiny_overrides(name: str, models: dict, data_root: Path, classes: list[str]
 
 
 @pytest.mark.parametrize("name", ["imagenet100_chamfer_sd15", "imagenet1k_10x_dit", "woof_dmgd_dit"])
-def test_cluster_job_runs_end_to_end_with_tiny_models(name, tiny_models, local_ray, tmp_path):
+def test_cluster_job_rehearses_end_to_end(name, local_ray, tmp_path):
+    """``--rehearse``: the job with tiny random models of its kinds (saved as folders, loaded by the real
+    from_pretrained path), a generated real set with its classes, and local CPUs; everything else as written."""
     from factory.generate import build_backbone
-    from factory.data import load_real
+    from factory.rehearse import rehearsal_overrides
     from factory.run import run
+    from factory.stages.references import real_info
 
     raw = yaml.safe_load(_job(name).read_text())
-    classes = (raw["data"].get("classes") or [f"n{i:08d}" for i in range(3)])[:3]  # the job's first classes
-    data_root = tmp_path / "real"
-    _write_real_set(data_root, classes)
-    cfg = load_config(_job(name), _tiny_overrides(name, tiny_models, data_root, classes))
-    assert cfg.recipes.keys() == raw["recipes"].keys()
+    out = tmp_path / "out"
+    shrink = _shrink(name)
+    cfg = load_config(_job(name), rehearsal_overrides(load_config(_job(name), shrink), str(out)) + shrink)
+    assert cfg.recipes.keys() == raw["recipes"].keys() and cfg.executor.num_gpus == 0
+    assert cfg.data.source == "parquet" and (out / "_rehearsal" / "data" / "classes.json").is_file()
 
     # the job's own backbone options at work: prompts from its class names, DiT ids from its class_ids
-    train = load_real(cfg.data.source, "train", cfg.data.root)
-    backbone = build_backbone(cfg, train)
+    info = real_info(cfg)
+    assert info.num_classes == 3 and info.mode == "RGB" and info.size == (32, 32)
+    backbone = build_backbone(cfg, info)
     if cfg.backbone.name == "sd15":
         assert backbone.prompt(0) == "a photo of a " + cfg.backbone.options["class_names"][0]
     elif cfg.backbone.options["class_ids"] is None:  # label i = ImageNet class i
         assert backbone.class_ids.tolist() == list(range(1000))
     else:
         assert backbone.class_ids.tolist() == cfg.backbone.options["class_ids"]
-    assert plan_for_config(cfg).num_images == plan_for_config(cfg, train).num_images == 3 * 3 * len(cfg.recipes)
+    assert plan_for_config(cfg).num_images == 3 * 3 * len(cfg.recipes)
 
-    out = tmp_path / "out"
     metrics = run(cfg, str(out), progress=False)
     for recipe in cfg.recipes:
         assert metrics[recipe]["num_images"] == 9 and set(metrics[recipe]["count_per_class"].values()) == {3}
-        assert np.isfinite(metrics[recipe]["fd"])
+        assert np.isfinite(metrics[recipe]["fd"]) and len(metrics[recipe]["per_class"]) == 3
         assert len(list((out / recipe / "parquet").glob("*.parquet"))) == 6  # 3 classes x 2 shards
         assert len(list((out / recipe / "webdataset").glob("*.tar"))) == 6
     assert (out / "report.html").is_file()
