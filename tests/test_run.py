@@ -42,7 +42,8 @@ def first_run(local_ray, tmp_path_factory):
 
 def test_layout_and_metrics(first_run):
     _, out = first_run
-    assert sorted(os.listdir(out)) == ["cfg", "metrics.json", "report.html", "run.json"]
+    assert sorted(os.listdir(out)) == ["_references", "cfg", "factory.log", "metrics.json", "report.html", "run.json"]
+    assert sorted(os.listdir(f"{out}/_references")) == ["meta.json", "test", "train"]
     assert len(os.listdir(f"{out}/cfg/parquet")) == 20 and len(os.listdir(f"{out}/cfg/webdataset")) == 20
     metrics = json.load(open(f"{out}/metrics.json"))
     assert set(metrics) == {"real", "cfg"}
@@ -51,6 +52,7 @@ def test_layout_and_metrics(first_run):
     for key in ("precision", "recall", "density", "coverage", "f1_pc", "fd", "hardness_mean"):
         assert np.isfinite(m[key])
     assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["coverage"] <= 1.0
+    assert len(m["per_class"]) == 10 and {"pooled", "fd", "per_class"} <= set(m["views"])
     assert "<table>" in open(f"{out}/report.html").read()
 
 
