@@ -33,10 +33,9 @@ def _class_features(fs, root: str, recipe: str, label: int) -> np.ndarray | None
     files = sorted(fs.glob(f"{root}/{recipe}/parquet/c{label:05d}-s*.parquet"))
     parts = []
     for f in files:
-        table = pq.read_table(f, filesystem=fs, columns=None)
-        if "features" not in table.column_names:
+        if "features" not in pq.read_schema(f, filesystem=fs).names:  # the footer only
             return None
-        col = table.column("features").combine_chunks()
+        col = pq.read_table(f, filesystem=fs, columns=["features"]).column("features").combine_chunks()
         parts.append(np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1))
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
