@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
     from factory import console
 
     cfg = load_config(args.config, args.set)
-    output = args.output or str(Path("runs") / Path(args.config).stem + ("-rehearsal" if args.rehearse else ""))
+    output = args.output or str(Path("runs") / (Path(args.config).stem + ("-rehearsal" if args.rehearse else "")))
     if args.rehearse:  # the job at full shape with tiny models and generated data; the user's --set last
         from factory.rehearse import rehearsal_overrides
 
