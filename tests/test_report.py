@@ -1,5 +1,6 @@
-"""report.html: a hand-made run folder (real digits images in Parquet shards), the page's structure, its plots and
-a headless Chromium rendering of it."""
+"""report.html: a hand-made run folder (real digits images in Parquet shards with their features column, the
+reference bank built by the references stage), the page's structure, its plots, its bounded reads, its escaping
+and a headless Chromium rendering of it."""
 
 import base64
 import io
@@ -16,8 +17,8 @@ from PIL import Image
 from factory.config import from_dict
 from factory.data import load_real
 from factory.plan import Plan, RecipePlan
-from factory.report import (MAX_IMAGES, _best, plot_accuracy_vs_scale, plot_coverage_vs_k, recipe_families,
-                            sample_rows, write_report)
+from factory.plots import plot_accuracy_vs_scale, plot_coverage_vs_k, recipe_families
+from factory.report import _best, shown_classes, write_report
 from factory.shards import ShardSink
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -73,22 +74,37 @@ def _images(recipe: str, label: int, n: int, train, test, rng) -> list[np.ndarra
     return list(np.clip(pick + noise, 0, 255).astype(np.uint8))
 
 
+SHARD_SIZE = {"cfg_x2": 8}  # cfg_x2: 3 shards per class; the others one
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, local_ray):
+    import torch
+
+    from factory.generate import build_features
+    from factory.stages.references import as_float, build_reference_bank, real_info
+
     out = str(tmp_path_factory.mktemp("report") / "run")
     cfg = from_dict(CONFIG)
     train, test = load_real("digits", "train"), load_real("digits", "test")
+    features = build_features(cfg)
     sink = ShardSink(out, ["parquet"])
     rng = np.random.default_rng(0)
     recipes = []
     for name, r in cfg.recipes.items():
-        recipes.append(RecipePlan(name, r.images_per_class, r.images_per_class))
+        size = SHARD_SIZE.get(name, r.images_per_class)
+        recipes.append(RecipePlan(name, r.images_per_class, size))
         for label in range(10):
+            images = _images(name, label, r.images_per_class, train, test, rng)
+            with torch.no_grad():
+                feats = features(as_float(np.stack(images))).float().numpy()
             records = [{"key": f"{name}_c{label:05d}_{i:07d}", "image": _png(a), "label": label,
-                        "class_name": str(label), "seed": 1000 + label}
-                       for i, a in enumerate(_images(name, label, r.images_per_class, train, test, rng))]
-            sink.commit(name, f"c{label:05d}-s00000", records, {})
+                        "class_name": str(label), "seed": 1000 + label, "features": f.tolist()}
+                       for i, (a, f) in enumerate(zip(images, feats))]
+            for s in range(0, len(records), size):
+                sink.commit(name, f"c{label:05d}-s{s // size:05d}", records[s:s + size], {})
     plan = Plan(recipes, list(range(10)), train.class_names, cfg.seed)
+    build_reference_bank(cfg, out, real_info(cfg), plan.labels, progress=False)
     metrics = {name: _metrics(*values, cfg.recipes[name].images_per_class if name != "real" else 134)
                for name, values in METRICS.items()}
     metrics["cfg"]["downstream"] = {"synthetic": 0.71, "mixed": 0.93}
@@ -191,18 +207,107 @@ def test_memorised_recipe_is_flagged(run_dir):
     assert "possible copies" not in blocks["cfg"]
 
 
-def test_missing_feature_checkpoint_degrades_to_a_note(run_dir, tmp_path):
+def _rewrite_without_features(folder: str) -> None:
+    """Shards as made before features travelled with them: the same Parquet, no ``features`` column."""
+    import pyarrow.parquet as pq
+
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".parquet"):
+                path = os.path.join(dirpath, f)
+                pq.write_table(pq.read_table(path).drop_columns(["features"]), path)
+
+
+def test_shards_without_features_or_bank_degrade_to_notes(run_dir, tmp_path):
     path, metrics, plan, provenance = run_dir
     out = str(tmp_path / "run")
     shutil.copytree(os.path.dirname(path), out)
-    bad = from_dict({**CONFIG, "features": {"name": "cnn", "checkpoint": str(tmp_path / "no-such-checkpoint")}})
-    write_report(ShardSink(out, ["parquet"]), plan, metrics, {**provenance, "config": bad.to_dict()})
+    _rewrite_without_features(out)
+    write_report(ShardSink(out, ["parquet"]), plan, metrics, provenance)
     text, page = _parse(f"{out}/report.html")
-    assert text.count("the feature-space sections not available") == 2  # plots and neighbours say why
     assert page.h2 == ["Metrics", "Plots", "Nearest train neighbours", "Samples", "Provenance"]
+    assert text.count("the shards have no features column") == 2  # plots and neighbours say why
     alts = [img["alt"] for img in page.imgs]
-    assert "coverage against k" in alts and "hardness histograms" not in alts and "synthetic" not in alts
+    assert "coverage against k" in alts and "accuracy against scale" in alts
+    assert "hardness histograms" not in alts and "synthetic" not in alts
     assert sum(a.startswith("samples of ") for a in alts) == len(plan.recipes)
+    # and without the reference bank: the panels that need it say so, the rest is there
+    shutil.rmtree(f"{out}/_references")
+    write_report(ShardSink(out, ["parquet"]), plan, metrics, provenance)
+    text, page = _parse(f"{out}/report.html")
+    assert "the reference bank not available: FileNotFoundError" in text
+    alts = [img["alt"] for img in page.imgs]
+    assert "coverage against k" in alts and sum(a.startswith("samples of ") for a in alts) == len(plan.recipes)
+
+
+def test_reads_a_bounded_sample(run_dir, tmp_path, monkeypatch):
+    """Row groups of the first shard of a few classes, the bank files of those classes only: nothing else."""
+    import fsspec.implementations.local
+    import pyarrow.parquet as pq
+
+    path, metrics, plan, provenance = run_dir
+    read_groups, bank_files = [], []
+    read_row_group = pq.ParquetFile.read_row_group
+    cat_file = fsspec.implementations.local.LocalFileSystem.cat_file
+
+    def counting_read_row_group(self, i, *args, **kwargs):
+        table = read_row_group(self, i, *args, **kwargs)
+        read_groups.append((table.num_rows, kwargs.get("columns")))
+        return table
+
+    def counting_cat_file(self, p, *args, **kwargs):
+        if "/_references/" in str(p):
+            bank_files.append(str(p).split("/_references/", 1)[1])
+        return cat_file(self, p, *args, **kwargs)
+
+    def no_whole_file(*args, **kwargs):
+        raise AssertionError("the report read a whole Parquet file")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting_read_row_group)
+    monkeypatch.setattr(pq, "read_table", no_whole_file)
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_file", counting_cat_file)
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.dirname(path), out)
+    write_report(ShardSink(out, ["parquet"]), plan, metrics, provenance, max_classes=3, rows_per_class=5,
+                 real_per_class=20)
+    shown = shown_classes(plan, 3)
+    assert shown == [0, 4, 9] or shown == [0, 5, 9]
+    # one row group of one shard per (recipe, shown class), the shown columns only
+    assert len(read_groups) == 3 * len(plan.recipes)
+    assert all(cols == ["key", "image", "label", "features"] for _, cols in read_groups)
+    assert sum(n for n, _ in read_groups) == 3 * sum(r.shard_size for r in plan.recipes)
+    # the bank: meta and the shown classes' train and test features, nothing of the other classes
+    assert {f for f in bank_files if f.endswith(".npy")} == {f"{s}/c{c:05d}.npy" for s in ("train", "test")
+                                                            for c in shown}
+    assert set(bank_files) - {f for f in bank_files if f.endswith(".npy")} <= {"meta.json"}
+    # what is shown is the sample: 3 classes x 5 images per grid, 5 images searched per class
+    text, page = _parse(f"{out}/report.html")
+    assert "not available" not in text and "3 of 10 classes" in text
+    for img in page.imgs:
+        if img["alt"].startswith("samples of "):
+            im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+            assert im.size == (5 * 39 - 3, 3 * 39 - 3)
+    assert "distances are upper bounds" in text  # 20 of the ~140 train features per class
+
+
+def test_run_text_is_escaped_and_the_page_is_deterministic(run_dir, tmp_path):
+    path, metrics, plan, provenance = run_dir
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.dirname(path), out)
+    names = list(plan.class_names)
+    names[0] = "<script>alert(1)</script>"
+    hostile = Plan(plan.recipes, plan.labels, names, plan.seed)
+    prov = {**provenance, "config": {**provenance["config"], "name": "<img src=x onerror=alert(2)>"},
+            "packages": {"<b>pkg</b>": "1 & 2"}}
+    sink = ShardSink(out, ["parquet"])
+    write_report(sink, hostile, metrics, prov)
+    first = open(f"{out}/report.html", "rb").read()
+    text, page = _parse(f"{out}/report.html")
+    assert page.scripts == 0 and "<b>pkg" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # a grid row label and nearest-neighbour captions
+    assert "&lt;img src=x onerror=alert(2)&gt;" in text and "&lt;b&gt;pkg&lt;/b&gt;" in text and "1 &amp; 2" in text
+    write_report(sink, hostile, metrics, prov)
+    assert open(f"{out}/report.html", "rb").read() == first
 
 
 def test_helpers():
@@ -216,14 +321,12 @@ def test_helpers():
     one = from_dict({**CONFIG, "recipes": {k: CONFIG["recipes"][k] for k in ("cfg", "chamfer_k4")}})
     assert plot_coverage_vs_k(one, m, {}) is None
     assert plot_accuracy_vs_scale(one, m, {"cfg": 1.0, "chamfer_k4": 1.0}, {}) is None
-    # read-back sampling: capped, deterministic, within the plan
-    plan = Plan([RecipePlan("big", 1000, 64)], list(range(10)), [str(i) for i in range(10)], 3)
-    rows = sample_rows(plan, "big")
-    assert sum(len(v) for v in rows.values()) == MAX_IMAGES
-    assert all(0 <= label < 10 and 0 <= s < 16 and v.max() < 64 for (label, s), v in rows.items())
-    assert all(len(v) <= 1000 - 64 * 15 for (label, s), v in rows.items() if s == 15)
-    again = sample_rows(plan, "big")
-    assert rows.keys() == again.keys() and all((rows[k] == again[k]).all() for k in rows)
+    # the classes read back: all of a small plan, evenly spaced ones of a large one (first and last included)
+    small = Plan([RecipePlan("r", 10, 10)], list(range(10)), [str(i) for i in range(10)], 3)
+    assert shown_classes(small) == list(range(10))
+    big = Plan([RecipePlan("r", 10, 10)], list(range(0, 2000, 2)), [str(i) for i in range(2000)], 3)
+    shown = shown_classes(big, 10)
+    assert len(shown) == 10 and shown[0] == 0 and shown[-1] == 1998 and shown == sorted(set(shown))
 
 
 def _chromium(*args, tmp):
@@ -255,10 +358,12 @@ def test_renders_in_headless_chromium(run_dir, tmp_path, system_package):
 
 
 def test_metrics_table_names_the_prdc_k_with_downstream_columns():
-    from factory.report import metrics_table
+    from factory.report import metrics_view
 
     row = {"precision": 0.9, "recall": 0.8, "density": 1.0, "coverage": 0.95, "f1_pc": 0.92, "fd": 0.1,
            "hardness_mean": -100.0, "num_images": 10, "downstream": {"synthetic": 0.9}}
-    page = metrics_table({"cfg": row, "real": {**row, "downstream": {"real": 0.95}}}, k=5)
-    assert "k = 5 nearest" in page
-    assert "90.0 %" in page and "95.0 %" in page
+    view = metrics_view({"cfg": row, "real": {**row, "downstream": {"real": 0.95}}}, k=5)
+    assert view["k"] == 5 and view["modes"] == ["synthetic", "real"]
+    cells = {r["name"]: [c["text"] for c in r["cells"]] for r in view["rows"]}
+    assert cells["cfg"][-2:] == ["90.0 %", "–"] and cells["real"][-2:] == ["–", "95.0 %"]
+    assert [h["lines"] for h in view["headers"][-2:]] == [["accuracy", "synthetic"], ["accuracy", "real"]]
