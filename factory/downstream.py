@@ -1,8 +1,9 @@
 """Downstream classifier: a torchvision ResNet trained on Ray Train, judged on the real test split.
 
-The training set is synthetic (the factory's Parquet shards), real (a ``RealSet``) or both ("mixed"); it
-becomes one Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows that Ray Train splits
-across its workers. Several classifiers (one per recipe and mode, and real) train one after another in
+The training set is synthetic (the factory's Parquet shards), the real train split or both ("mixed"); it is
+a lazy Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows, read and decoded by Ray Data
+while Ray Train's workers consume their split of it (files in a new seeded order every epoch, rows mixed in
+a local shuffle buffer), so no process holds the set. The real test split streams the same way. Several classifiers (one per recipe and mode, and real) train one after another in
 one Ray Train run, so its start-up is paid once. Each epoch ends with ``ray.train.report`` and a
 checkpoint (model, optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun
 with the same storage path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's
@@ -17,19 +18,24 @@ import math
 import os
 import tempfile
 
+from functools import lru_cache
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from factory.config import DownstreamConfig
-from factory.data import RealSet, decode_image
+from factory.data import RealSet, decode_image, load_real
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 CHECKPOINT_FILE = "state.pt"
 DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
-BLOCK_BYTES = 16 << 20  # bytes of real images per Ray Data block
-SMALL_SET_BYTES = 64 << 20  # training sets up to this many decoded bytes are built in memory on the driver
+BLOCK_BYTES = 16 << 20  # decoded bytes of a packaged real set's part (one Ray Data block)
+SHUFFLE_BYTES = 256 << 20  # decoded bytes a worker's local shuffle buffer may hold
+TEST = "test"  # the Ray Train dataset name of the real test split
+DATA_CPUS = 1  # CPUs the Ray Train workers leave to Ray Data's read and decode tasks
 
 
 def base_width(image_size: int) -> int:
@@ -73,6 +79,16 @@ def resnet(name: str, num_classes: int, in_channels: int, image_size: int) -> nn
 # --- data -----------------------------------------------------------------------------------------
 
 
+class TrainSet(NamedTuple):
+    """One classifier's training set: synthetic shards (their Parquet files or folder; ``shard_images`` rows in
+    all), the real train split, or both ("mixed")."""
+
+    name: str
+    shards: str | list[str] | None
+    shard_images: int
+    real: bool
+
+
 def decode_png(batch: dict, mode: str, size: tuple[int, int]) -> dict:
     """``map_batches`` step: encoded images (PNG, JPEG or WebP; the Image struct or plain bytes) -> uint8 arrays
     (B, H, W[, 3]) in the test set's mode and size."""
@@ -80,92 +96,110 @@ def decode_png(batch: dict, mode: str, size: tuple[int, int]) -> dict:
     for data in batch["image"]:
         img = decode_image(data, "downstream training shard").convert(mode)
         if img.size != (size[1], size[0]):
-            raise ValueError(f"a synthetic image is {img.size[0]}x{img.size[1]}, the real test images are "
+            raise ValueError(f"an image is {img.size[0]}x{img.size[1]}, the real test images are "
                              f"{size[1]}x{size[0]}")
         images.append(np.asarray(img, dtype=np.uint8))
-    return {"image": np.stack(images), "label": batch["label"].astype(np.int64)}
+    return {"image": np.stack(images), "label": np.asarray(batch["label"]).astype(np.int64)}
 
 
-def _parquet_dataset(paths: list[str], mode: str, size: tuple[int, int]):
+def _read_parquet(paths: str | list[str], mode: str, size: tuple[int, int], seed: int | None):
+    """Parquet files (or a folder of them) on any fsspec URI, decoded in ``map_batches``. With ``seed``, the file
+    order is shuffled anew (seeded) on every execution, i.e. every epoch."""
     import fsspec
     import ray
     from fsspec.implementations.local import LocalFileSystem
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, _ = fsspec.core.url_to_fs(paths[0])
+    listed = [paths] if isinstance(paths, str) else list(paths)
+    fs, _ = fsspec.core.url_to_fs(listed[0])
     kwargs = {}
     if not isinstance(fs, LocalFileSystem):  # any fsspec URI: hand pyarrow the fsspec filesystem
         kwargs["filesystem"] = PyFileSystem(FSSpecHandler(fs))
-    paths = [fsspec.core.url_to_fs(p)[1] for p in paths]
-    ds = ray.data.read_parquet(paths, columns=["image", "label"], **kwargs)
+    if seed is not None:
+        kwargs["shuffle"] = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    listed = [fsspec.core.url_to_fs(p)[1] for p in listed]
+    ds = ray.data.read_parquet(listed, file_extensions=["parquet"], **kwargs).select_columns(["image", "label"])
     return ds.map_batches(decode_png, fn_kwargs={"mode": mode, "size": size}, batch_format="numpy", batch_size=256)
 
 
-def _real_dataset(real: RealSet):
-    import ray
-
-    blocks = max(1, math.ceil(real.images.nbytes / BLOCK_BYTES))  # from_items alone makes 200 tiny blocks
-    rows = [{"image": im, "label": int(y)} for im, y in zip(real.images, real.labels)]
-    return ray.data.from_items(rows, override_num_blocks=blocks)
+@lru_cache(maxsize=2)
+def _whole_split(source: str, root: str | None, split: str) -> RealSet:
+    return load_real(source, split, root)
 
 
-def build_dataset(train_parquet: list[str] | None, real_train: RealSet | None, test: RealSet, seed: int = 0):
-    """The training Ray Dataset (materialized), its mode ("synthetic" | "real" | "mixed") and its size.
+def _real_part(batch: dict, source: str, root: str | None, split: str, parts: int, mode: str,
+               size: tuple[int, int]) -> dict:
+    """``map_batches`` step in a Ray task: part ``i`` of ``parts`` (every parts-th image) of a split loaded in
+    that worker process (once: the small packaged, folder and WebDataset sources have no per-file reader)."""
+    real = _whole_split(source, root, split)
+    if real.mode != mode or real.size != tuple(size):
+        raise ValueError(f"the real {split} images are {real.mode} {real.size[1]}x{real.size[0]}, the set's "
+                         f"are {mode} {size[1]}x{size[0]}")
+    idx = np.concatenate([np.arange(int(i), len(real.labels), parts) for i in batch["id"]])
+    return {"image": real.images[idx], "label": real.labels[idx].astype(np.int64)}
 
-    Decoding runs here, before the workers start: the uint8 images of a classifier's training set fit the
-    object store, and the epochs then need no CPU beyond the workers' own (a Ray Data task left to run
-    beside workers that hold every CPU waits forever). The rows are shuffled once here (seeded: a shard
-    holds one class, and each worker must see every class), and the workers' local shuffle buffers mix
-    them further each epoch.
+
+def real_dataset(data, split: str, info, seed: int | None = None):
+    """The real ``split`` as a lazy Ray Dataset of uint8 images and labels; nothing is loaded on the driver.
+
+    ``data`` names the source (``source``, ``root``: a ``DataConfig``) and ``info`` its classes, size, mode and
+    counts (a ``RealInfo``). A Parquet set is read file by file (with ``seed``: in a new order every epoch);
+    the other sources are loaded inside Ray tasks, in parts of about ``BLOCK_BYTES``.
     """
-    parts, n = [], 0
-    if train_parquet:
-        import fsspec
-        import pyarrow.parquet as pq
-
-        for p in train_parquet:
-            fs, path = fsspec.core.url_to_fs(p)
-            with fs.open(path, "rb") as f:
-                n += pq.ParquetFile(f).metadata.num_rows
-        parts.append(_parquet_dataset(list(train_parquet), test.mode, test.size))
-    if real_train is not None:
-        if real_train.mode != test.mode or real_train.size != test.size:
-            raise ValueError("real training and test images differ in mode or size")
-        n += len(real_train.labels)
-        parts.append(_real_dataset(real_train))
-    if not parts:
-        raise ValueError("downstream training needs train_parquet, real_train or both")
-    mode = "mixed" if len(parts) == 2 else ("synthetic" if train_parquet else "real")
-    if n * int(np.prod(test.size)) * (1 if test.mode == "L" else 3) <= SMALL_SET_BYTES:
-        # A small set (the quickstart's: 1,350 8x8 images) is decoded and shuffled here, in memory: Ray
-        # Data's all-to-all random_shuffle costs tens of seconds of tasks on 2 cores for a few hundred KB.
-        return _small_dataset(train_parquet, real_train, test, seed), mode, n
-    ds = parts[0].union(parts[1]) if len(parts) == 2 else parts[0]
-    return ds.random_shuffle(seed=seed).materialize(), mode, n
-
-
-def _small_dataset(train_parquet: list[str] | None, real_train: RealSet | None, test: RealSet, seed: int):
-    """The training set decoded on the driver, shuffled by a seeded permutation, as one in-memory dataset."""
-    import fsspec
-    import pyarrow.parquet as pq
     import ray
 
-    images, labels = [], []
-    for p in train_parquet or []:
-        fs, path = fsspec.core.url_to_fs(p)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["image", "label"])
-        batch = decode_png({"image": table.column("image").to_pylist(),
-                            "label": table.column("label").to_numpy()}, test.mode, test.size)
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    if real_train is not None:
-        images.append(real_train.images)
-        labels.append(real_train.labels.astype(np.int64))
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    return ray.data.from_items([{"image": images[i], "label": int(labels[i])} for i in order],
-                               override_num_blocks=max(1, math.ceil(images.nbytes / BLOCK_BYTES))).materialize()
+    size, mode = tuple(info.size), info.mode
+    if data.source == "parquet":
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(data.root)
+        if fs.isdir(f"{path.rstrip('/')}/{split}"):  # the prepared layout; else every file is this split
+            root = data.root.rstrip("/") + f"/{split}"
+        else:
+            root = data.root
+        return _read_parquet(root, mode, size, seed)
+    n = int(sum(info.counts[split]))
+    parts = max(1, math.ceil(n * int(np.prod(size)) * (1 if mode == "L" else 3) / BLOCK_BYTES))
+    return ray.data.range(parts, override_num_blocks=parts).map_batches(
+        _real_part, fn_kwargs={"source": data.source, "root": data.root, "split": split, "parts": parts,
+                               "mode": mode, "size": size}, batch_size=1, batch_format="numpy")
+
+
+def build_dataset(train: TrainSet, data, info, seed: int = 0):
+    """One classifier's training set as a lazy Ray Dataset (read and decoded while the workers train), its mode
+    ("synthetic" | "real" | "mixed") and its number of images. Files come in a new seeded order every epoch;
+    the workers' local shuffle buffers mix their rows (see :func:`shuffle_buffer`)."""
+    parts, n = [], 0
+    if train.shards:
+        parts.append(_read_parquet(train.shards, info.mode, tuple(info.size), seed))
+        n += int(train.shard_images)
+    if train.real:
+        parts.append(real_dataset(data, "train", info, seed))
+        n += int(sum(info.counts["train"]))
+    if not parts:
+        raise ValueError(f"downstream run {train.name!r} needs synthetic shards, the real train split or both")
+    mode = "mixed" if len(parts) == 2 else ("synthetic" if train.shards else "real")
+    return (parts[0].union(parts[1]) if len(parts) == 2 else parts[0]), mode, n
+
+
+def shuffle_buffer(n: int, batch_size: int, image_bytes: int) -> int:
+    """Rows in a worker's local shuffle buffer: a shard holds ONE class, so the buffer holds many shards' rows
+    (the whole set when it is small, as the quickstart's 1,350 8x8 images), capped at ``SHUFFLE_BYTES``."""
+    return int(max(8 * batch_size, min(n, SHUFFLE_BYTES // max(1, image_bytes))))
+
+
+def scaling_config(cfg: DownstreamConfig, cluster_cpus: float):
+    """Ray Train's ScalingConfig: ``use_gpu`` as configured, and the CPU workers leave one CPU to Ray Data,
+    which reads and decodes while they train (a read task beside workers that hold every CPU waits forever)."""
+    from ray.train import ScalingConfig
+
+    if cfg.use_gpu:  # GPU workers reserve no CPU
+        return ScalingConfig(num_workers=cfg.num_workers, use_gpu=True)
+    per_worker = min(1.0, (cluster_cpus - DATA_CPUS) / cfg.num_workers)
+    if per_worker <= 0:
+        raise ValueError(f"downstream: {cfg.num_workers} CPU workers need more than the cluster's "
+                         f"{cluster_cpus:g} CPUs ({DATA_CPUS} left to Ray Data)")
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
 
 
 # --- training loop (runs on every Ray Train worker) ------------------------------------------------
@@ -186,27 +220,29 @@ def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
 
 
-def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, rank: int, world: int,
-              device: torch.device) -> float:
-    """Test accuracy, the test set split across the workers and the counts summed."""
+def _evaluate(model: nn.Module, num_classes: int, rank: int, world: int, device: torch.device) -> dict:
+    """Test counts per class, ``{"correct": [...], "images": [...]}``: rank 0 streams the test split (every
+    worker holds the whole, unsplit set: an equal split would drop rows) and broadcasts its counts."""
+    import ray.train
     import torch.distributed as dist
 
-    distributed = world > 1 and dist.is_initialized()
-    if distributed:  # every worker judges rank 0's BatchNorm statistics
-        for b in model.buffers():
-            dist.broadcast(b, 0)
-    model.eval()
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        idx = np.arange(rank, len(labels), world)
-        for s in range(0, len(idx), 512):
-            j = idx[s:s + 512]
-            x = torch.from_numpy(images[j]).to(device)
-            correct[0] += (model(x).argmax(1).cpu() == torch.from_numpy(labels[j])).sum().item()
-            correct[1] += len(j)
-    if distributed:
-        dist.all_reduce(correct)
-    return float(correct[0] / correct[1])
+    counts = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
+    if rank == 0:
+        model.eval()
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard(TEST).iter_torch_batches(batch_size=512, device=device):
+                y = batch["label"]
+                hit = (model(to_float(batch["image"])).argmax(1) == y).double()
+                counts[0].index_add_(0, y, hit)
+                counts[1].index_add_(0, y, torch.ones_like(hit))
+    if world > 1 and dist.is_initialized():
+        dist.broadcast(counts, 0)
+    counts = counts.cpu().long()
+    return {"correct": counts[0].tolist(), "images": counts[1].tolist()}
+
+
+def accuracy(counts: dict) -> float:
+    return float(sum(counts["correct"]) / max(1, sum(counts["images"])))
 
 
 def train_loop(config: dict) -> None:
@@ -269,15 +305,15 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
         batches = shard.iter_torch_batches(
             batch_size=batch_size, drop_last=True,  # equal steps on every worker; BatchNorm needs > 1 image
-            local_shuffle_buffer_size=8 * batch_size,
+            local_shuffle_buffer_size=spec["shuffle_buffer"],
             local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
         )
         for i, batch in enumerate(batches):
             t = min(1.0, (epoch + i / steps) / epochs)  # cosine schedule over the whole run
             for group in opt.param_groups:
                 group["lr"] = config["lr"] * 0.5 * (1.0 + math.cos(math.pi * t))
-            x = _random_crop(to_float(batch["image"]), pad, gen)
-            y = batch["label"]
+            x = _random_crop(to_float(batch["image"]), pad, gen).to(device)
+            y = batch["label"].to(device)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -286,11 +322,15 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             loss_sum[1] += len(y)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(loss_sum)
-        accuracy = _evaluate(net, config["test_images"], config["test_labels"], rank, world, device)
-        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                        "test_accuracy": accuracy})
-        if epoch + 1 == epochs:
-            done[name] = {"accuracy": accuracy, "epochs": epochs, "history": list(history), "resumed_from": start,
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1))})
+        if epoch + 1 == epochs:  # judged once, at the end: every pass over the test set is a Ray Data execution
+            if world > 1 and dist.is_initialized():  # every worker holds rank 0's BatchNorm statistics
+                for b in net.buffers():
+                    dist.broadcast(b, 0)
+            counts = _evaluate(net, config["num_classes"], rank, world, device)
+            history[-1]["test_accuracy"] = accuracy(counts)
+            done[name] = {"accuracy": accuracy(counts), "test_counts": counts, "epochs": epochs,
+                          "history": list(history), "resumed_from": start,
                           "train_images": spec["train_images"], "mode": spec["mode"]}
         # The reported metrics stay small (Ray Train logs each report): the results travel in the checkpoint.
         metrics = {"current": name, "epoch": epoch + 1, "finished": len(done)}
@@ -373,48 +413,44 @@ def _follow(queue, stop, total: int) -> None:
             shown.set_postfix_str(f"{name} epoch {epoch}", refresh=False)
 
 
-def train_and_evaluate_many(
-    runs: list[tuple[str, list[str] | None, RealSet | None]],
-    test: RealSet,
-    cfg: DownstreamConfig,
-    storage_path: str,
-    name: str,
-    seed: int = 0,
-    storage_filesystem=None,
-    progress: bool = False,
-) -> dict[str, dict]:
-    """Train one classifier per ``(run name, train_parquet, real_train)`` in ONE Ray Train run.
+def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamConfig, storage_path: str,
+                            name: str, seed: int = 0, storage_filesystem=None, progress: bool = False) -> dict[str, dict]:
+    """Train one classifier per :class:`TrainSet` in ONE Ray Train run and judge each on the real test split.
 
-    One worker group, started once, trains them in order (each from its own fresh initialisation with
-    the same seed), so a run of many small sets pays Ray Train's start-up once. Checkpoints live under
-    ``<storage_path>/<name>``; a rerun skips the finished classifiers and resumes the one in progress.
-    Returns run name -> ``{"accuracy", "epochs", "train_images", "mode", "history", "resumed_from",
-    "epochs_trained"}``, where ``epochs_trained`` counts the epochs this call ran (0: read back).
-    ``progress``: a bar over the images to train (count, images/s, ETA), fed by the rank-0 worker.
+    ``data`` names the real set (``source``, ``root``) and ``info`` its classes, size, mode and counts: its
+    splits stream through Ray Data like the shards, nothing is loaded here. One worker group, started once,
+    trains the classifiers in order (each from its own fresh initialisation with the same seed), so a run of
+    many small sets pays Ray Train's start-up once. Checkpoints live under ``<storage_path>/<name>``; a rerun
+    skips the finished classifiers and resumes the one in progress. Returns run name -> ``{"accuracy",
+    "test_counts", "epochs", "train_images", "mode", "history", "resumed_from", "epochs_trained"}``, where
+    ``epochs_trained`` counts the epochs this call ran (0: read back). ``progress``: a bar over the images
+    to train (count, images/s, ETA), fed by the rank-0 worker.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    names = [r[0] for r in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"downstream run names must be unique, got {names}")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names) or TEST in names:
+        raise ValueError(f"downstream run names must be unique and not {TEST!r}, got {names}")
     if storage_filesystem is None and "://" not in storage_path:
         storage_path = os.path.abspath(storage_path)
     before = _finished(f"{storage_path.rstrip('/')}/{name}", storage_filesystem)
-    todo = [r for r in runs if before.get(r[0], {}).get("epochs", 0) < cfg.epochs]
+    todo = [r for r in runs if before.get(r.name, {}).get("epochs", 0) < cfg.epochs]
     done = dict(before)
     if todo:
-        datasets, specs = {}, []
-        for run_name, files, real in todo:
-            ds, mode, n = build_dataset(files, real, test, seed)
-            datasets[run_name] = ds
-            specs.append({"name": run_name, "mode": mode, "train_images": n,
-                          "batch_size": max(2, min(cfg.batch_size, n // cfg.num_workers))})  # a tiny set trains
+        image_bytes = int(np.prod(info.size)) * (1 if info.mode == "L" else 3)
+        datasets, specs = {TEST: real_dataset(data, "test", info)}, []
+        for i, run in enumerate(todo):
+            ds, mode, n = build_dataset(run, data, info, seed + i)
+            batch_size = max(2, min(cfg.batch_size, n // cfg.num_workers))  # a tiny set trains
+            datasets[run.name] = ds
+            specs.append({"name": run.name, "mode": mode, "train_images": n, "batch_size": batch_size,
+                          "shuffle_buffer": shuffle_buffer(n // cfg.num_workers, batch_size, image_bytes)})
         config = {
-            "runs": specs, "model": cfg.model, "num_classes": test.num_classes,
-            "in_channels": 1 if test.mode == "L" else 3, "image_size": max(test.size), "epochs": cfg.epochs,
-            "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed,
-            "test_images": test.to_float(), "test_labels": test.labels, "progress": None,
+            "runs": specs, "model": cfg.model, "num_classes": info.num_classes,
+            "in_channels": 1 if info.mode == "L" else 3, "image_size": max(info.size), "epochs": cfg.epochs,
+            "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed, "progress": None,
         }
         if progress:
             from ray.util.queue import Queue
@@ -423,12 +459,13 @@ def train_and_evaluate_many(
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+            scaling_config=scaling_config(cfg, ray.cluster_resources().get("CPU", 0)),
             run_config=RunConfig(
                 storage_path=storage_path, name=name, storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest: ~90 MB for a resnet18
             ),
             datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=[s["name"] for s in specs]),  # the test set whole
         )
         total = sum(s["train_images"] * (cfg.epochs - before.get(s["name"], {}).get("epochs", 0)) for s in specs)
         result = _fit_with_bar(trainer, config["progress"], total, progress)
@@ -436,24 +473,19 @@ def train_and_evaluate_many(
             config["progress"].shutdown()
         done = _done(result)
     out = {}
-    for run_name, _, _ in runs:
-        r = done[run_name]
-        trained = r["epochs"] - r["resumed_from"] if run_name in {t[0] for t in todo} else 0
-        out[run_name] = {
-            "accuracy": float(r["accuracy"]), "epochs": int(r["epochs"]), "train_images": int(r["train_images"]),
-            "mode": r["mode"], "history": [dict(h) for h in r["history"]],
+    for run in runs:
+        r = done[run.name]
+        trained = r["epochs"] - r["resumed_from"] if run.name in {t.name for t in todo} else 0
+        out[run.name] = {
+            "accuracy": float(r["accuracy"]), "test_counts": r.get("test_counts"), "epochs": int(r["epochs"]),
+            "train_images": int(r["train_images"]), "mode": r["mode"], "history": [dict(h) for h in r["history"]],
             "resumed_from": int(r["resumed_from"]) if trained else int(r["epochs"]), "epochs_trained": int(trained),
         }
     return out
 
 
-def train_and_evaluate(train_parquet: list[str] | None, real_train: RealSet | None, test: RealSet,
-                       cfg: DownstreamConfig, storage_path: str, name: str, **kwargs) -> dict:
-    """Train ``cfg.model`` on Ray Train under ``<storage_path>/<name>`` (resuming it), judge it on ``test``.
-
-    One classifier: :func:`train_and_evaluate_many` with a single run. ``resumed_from`` is the checkpoint
-    epoch this call started from (0 = a fresh run) and ``epochs_trained`` the epochs it ran. A run that
-    already reached ``cfg.epochs`` is read back from storage without building a dataset or starting a
-    worker (``epochs_trained`` = 0).
-    """
-    return train_and_evaluate_many([(name, train_parquet, real_train)], test, cfg, storage_path, name, **kwargs)[name]
+def train_and_evaluate(train: TrainSet, data, info, cfg: DownstreamConfig, storage_path: str, **kwargs) -> dict:
+    """One classifier: :func:`train_and_evaluate_many` with a single run, named ``train.name`` in storage too.
+    ``resumed_from`` is the checkpoint epoch this call started from (0 = a fresh run) and ``epochs_trained`` the
+    epochs it ran; a run that already reached ``cfg.epochs`` is read back without starting a worker."""
+    return train_and_evaluate_many([train], data, info, cfg, storage_path, train.name, **kwargs)[train.name]

@@ -1,4 +1,5 @@
-"""Downstream classifier on a real local Ray Train (2 CPU workers), on the 8x8 digits.
+"""Downstream classifier on a real local Ray Train (2 CPU workers on 2 CPUs), on the 8x8 digits, every set
+streamed by Ray Data.
 
 The real-only run is trained in two calls (1 epoch, then resumed to 2) and called a third time: the three
 calls share one module fixture, since every Ray Train start costs seconds on 2 cores.
@@ -6,25 +7,28 @@ calls share one module fixture, since every Ray Train start costs seconds on 2 c
 
 import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from factory.config import DownstreamConfig
+from factory.config import DataConfig, DownstreamConfig
 from factory.data import load_real
-from factory.downstream import build_dataset, resnet, train_and_evaluate, train_and_evaluate_many
+from factory.downstream import (TrainSet, build_dataset, real_dataset, resnet, scaling_config, shuffle_buffer,
+                                train_and_evaluate, train_and_evaluate_many)
 from factory.shards import ShardSink
 
 # Chance is 0.1. Measured (seed 0, 2 workers): real 0.88 after epoch 1, 0.93 after the resumed epoch 2;
 # synthetic 0.86 after 1 epoch. A loop that mislabels, splits classes by worker or does not learn fails.
 MIN_ACCURACY = 0.7
+DIGITS = DataConfig(source="digits")
 
 
-def _cfg(epochs: int) -> DownstreamConfig:
+def _cfg(epochs: int, **kw) -> DownstreamConfig:
     # 1347 images, 21 steps an epoch per worker; lr 0.02 (not the default 0.05) suits so few steps
-    return DownstreamConfig(enabled=True, epochs=epochs, batch_size=32, lr=0.02, num_workers=2)
+    return DownstreamConfig(enabled=True, epochs=epochs, batch_size=32, lr=0.02, num_workers=2, **kw)
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -33,31 +37,56 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class RealInfo:
+    """What the stage's ``RealInfo`` (factory.stages.references) tells of a real set: no images."""
+
+    class_names: list
+    size: tuple
+    mode: str
+    counts: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _info(train, test) -> RealInfo:
+    counts = {s: np.bincount(r.labels, minlength=10).tolist() for s, r in (("train", train), ("test", test))}
+    return RealInfo(list(train.class_names), train.size, train.mode, counts)
+
+
 @pytest.fixture(scope="module")
 def digits():
-    return load_real("digits", "train"), load_real("digits", "test")
+    train, test = load_real("digits", "train"), load_real("digits", "test")
+    return train, test, _info(train, test)
+
+
+def _write_shards(sink: ShardSink, folder: str, real) -> None:
+    """``real`` as our Parquet shards under ``<sink>/<folder>/parquet``: one class per shard, two per class."""
+    for label, name in enumerate(real.class_names):
+        for part, chunk in enumerate(np.array_split(real.of_class(label), 2)):
+            records = [{"key": f"{name}-{part}-{i:04d}", "image": _png(a), "label": label, "class_name": name,
+                        "seed": i} for i, a in enumerate(chunk)]
+            sink.commit(folder, f"{name}-{part}", records, {})
 
 
 @pytest.fixture(scope="module")
-def shard_files(digits, tmp_path_factory):
-    """The real digits written as our Parquet shards: one class per shard, two shards per class."""
-    train, _ = digits
+def shards(digits, tmp_path_factory):
+    """The real digits train split written as our Parquet shards: (folder URI, files)."""
     sink = ShardSink(str(tmp_path_factory.mktemp("shards")), ["parquet"])
-    for label, name in enumerate(train.class_names):
-        images = train.of_class(label)
-        for part, chunk in enumerate(np.array_split(images, 2)):
-            records = [{"key": f"{name}-{part}-{i:04d}", "image": _png(a), "label": label, "class_name": name,
-                        "seed": i} for i, a in enumerate(chunk)]
-            sink.commit("cfg", f"{name}-{part}", records, {})
-    return [sink.fs.unstrip_protocol(f) for f in sink.shard_files("cfg", "parquet")]
+    _write_shards(sink, "cfg", digits[0])
+    return f"{sink.root}/cfg/parquet", [sink.fs.unstrip_protocol(f) for f in sink.shard_files("cfg", "parquet")]
 
 
 @pytest.fixture(scope="module")
 def real_runs(local_ray, digits, tmp_path_factory):
-    """One real-only run: 1 epoch, then resumed to 2 epochs, then called again once finished."""
-    train, test = digits
+    """One real-only run: 1 epoch, then resumed to 2 epochs, then called again once finished. Two CPU workers on
+    the 2-CPU cluster: had they taken both CPUs, Ray Data's read tasks would wait forever (a hang here)."""
+    _, _, info = digits
     storage = str(tmp_path_factory.mktemp("train_runs"))
-    runs = [train_and_evaluate(None, train, test, _cfg(epochs), storage, "real", seed=0) for epochs in (1, 2, 2)]
+    runs = [train_and_evaluate(TrainSet("real", None, 0, True), DIGITS, info, _cfg(epochs), storage, seed=0)
+            for epochs in (1, 2, 2)]
     return runs, os.path.join(storage, "real")
 
 
@@ -81,13 +110,42 @@ def test_resnet_stem_fits_the_input_size():
         resnet("vgg11", 10, 1, 8)
 
 
-def test_datasets_need_matching_images(digits):
-    train, test = digits
-    with pytest.raises(ValueError, match="needs train_parquet, real_train or both"):
-        build_dataset(None, None, test)
-    rgb = type(train)(np.repeat(train.images[..., None], 3, axis=-1), train.labels, train.class_names, "RGB")
-    with pytest.raises(ValueError, match="differ in mode or size"):
-        build_dataset(None, rgb, test)
+def test_scaling_config_takes_use_gpu_and_leaves_a_cpu_to_ray_data():
+    gpu = scaling_config(DownstreamConfig(num_workers=2, use_gpu=True), cluster_cpus=2)
+    assert gpu.use_gpu and gpu.num_workers == 2 and gpu.num_gpus_per_worker == 1 and gpu.num_cpus_per_worker == 0
+    cpu = scaling_config(DownstreamConfig(num_workers=2, use_gpu=False), cluster_cpus=2)
+    assert not cpu.use_gpu and cpu.num_cpus_per_worker == 0.5  # 1 of the 2 CPUs stays with Ray Data
+    assert scaling_config(DownstreamConfig(num_workers=2), cluster_cpus=16).num_cpus_per_worker == 1
+    with pytest.raises(ValueError, match="need more than the cluster's 1 CPUs"):
+        scaling_config(DownstreamConfig(num_workers=1), cluster_cpus=1)
+
+
+def test_shuffle_buffer_holds_many_one_class_shards_within_a_bound():
+    assert shuffle_buffer(1350, 32, 64) == 1350  # the quickstart: the whole set, every batch mixes classes
+    assert shuffle_buffer(1_281_167, 128, 256 * 256 * 3) == (256 << 20) // (256 * 256 * 3)  # capped in bytes
+    assert shuffle_buffer(100, 32, 64) == 256  # never below 8 batches
+
+
+def test_datasets_need_a_set_and_matching_images(local_ray, digits):
+    _, _, info = digits
+    with pytest.raises(ValueError, match="needs synthetic shards, the real train split or both"):
+        build_dataset(TrainSet("x", None, 0, False), DIGITS, info)
+    rgb = RealInfo(info.class_names, info.size, "RGB", info.counts)
+    with pytest.raises(Exception, match="the real test images are L 8x8, the set's are RGB 8x8"):
+        real_dataset(DIGITS, "test", rgb).take(1)
+
+
+def test_real_splits_stream_from_parquet_and_from_ray_tasks(local_ray, digits, tmp_path):
+    train, test, info = digits
+    sink = ShardSink(str(tmp_path), ["parquet"])  # the prepared layout: <root>/train/parquet/, <root>/test/...
+    _write_shards(sink, "test", test)
+    parquet = DataConfig(source="parquet", root=str(tmp_path))
+    for data in (parquet, DIGITS):
+        labels = np.concatenate([b["label"] for b in real_dataset(data, "test", info).iter_batches(
+            batch_format="numpy")])
+        assert np.array_equal(np.bincount(labels, minlength=10), np.bincount(test.labels)), data.source
+    batch = real_dataset(parquet, "test", info).take_batch(4, batch_format="numpy")
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 8, 8)
 
 
 def test_real_only_training_beats_chance(real_runs):
@@ -95,6 +153,9 @@ def test_real_only_training_beats_chance(real_runs):
     assert result["mode"] == "real" and result["train_images"] == 1347 and result["epochs"] == 2
     assert result["accuracy"] > MIN_ACCURACY, result
     assert result["accuracy"] == result["history"][-1]["test_accuracy"]
+    # counts per class from the streamed test split: every test image judged once
+    assert result["test_counts"]["images"] == np.bincount(load_real("digits", "test").labels).tolist()
+    assert sum(result["test_counts"]["correct"]) / 450 == result["accuracy"]
     assert result["history"][-1]["loss"] < result["history"][0]["loss"] < 2.3  # ln(10) = 2.30 at chance
 
 
@@ -104,7 +165,7 @@ def test_rerun_resumes_from_the_latest_checkpoint(real_runs):
     assert (resumed["epochs"], resumed["resumed_from"], resumed["epochs_trained"]) == (2, 1, 1)
     # epoch 1 comes from the checkpoint, not from training it again
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
-    assert resumed["history"][0] == first["history"][0]
+    assert resumed["history"][0]["loss"] == first["history"][0]["loss"]
 
 
 def test_finished_run_is_read_back_without_training(real_runs):
@@ -116,33 +177,43 @@ def test_finished_run_is_read_back_without_training(real_runs):
     assert len(checkpoints) == 1, checkpoints  # num_to_keep=1: the latest only
 
 
-def test_synthetic_only_then_a_second_classifier_in_the_same_trainer_storage(local_ray, digits, shard_files,
-                                                                             tmp_path):
-    train, test = digits
-    assert len(shard_files) == 20
-    first = train_and_evaluate_many([("synthetic", shard_files, None)], test, _cfg(1), str(tmp_path), "group")
+def test_synthetic_only_then_a_second_classifier_in_the_same_trainer_storage(local_ray, digits, shards, tmp_path):
+    _, _, info = digits
+    folder, files = shards
+    synthetic = TrainSet("synthetic", folder, 1347, False)
+    first = train_and_evaluate_many([synthetic], DIGITS, info, _cfg(1), str(tmp_path), "group")
     result = first["synthetic"]
     assert result["mode"] == "synthetic" and result["train_images"] == 1347
     assert [h["epoch"] for h in result["history"]] == [1] and result["resumed_from"] == 0
     assert result["accuracy"] > MIN_ACCURACY, result
     # a rerun that adds a classifier trains only the new one, in the same trainer's storage
-    again = train_and_evaluate_many([("synthetic", shard_files, None), ("mixed", shard_files, train)], test,
-                                    _cfg(1), str(tmp_path), "group")
+    mixed = TrainSet("mixed", files, 1347, True)
+    again = train_and_evaluate_many([synthetic, mixed], DIGITS, info, _cfg(1), str(tmp_path), "group")
     assert again["synthetic"]["epochs_trained"] == 0 and again["synthetic"]["history"] == result["history"]
     assert again["mixed"]["epochs_trained"] == 1 and again["mixed"]["mode"] == "mixed"
     assert again["mixed"]["train_images"] == 2 * 1347 and again["mixed"]["accuracy"] > MIN_ACCURACY
     assert os.listdir(tmp_path) == ["group"]
     with pytest.raises(ValueError, match="unique"):
-        train_and_evaluate_many([("a", None, train), ("a", None, train)], test, _cfg(1), str(tmp_path), "g2")
+        train_and_evaluate_many([mixed, mixed], DIGITS, info, _cfg(1), str(tmp_path), "g2")
 
 
-def test_mixed_dataset_holds_both_sets_shuffled(local_ray, digits, shard_files):
-    train, test = digits
-    ds, mode, n = build_dataset(shard_files, train, test, seed=0)
-    assert (mode, n, ds.count()) == ("mixed", 2 * 1347, 2 * 1347)
-    labels = np.concatenate([b["label"] for b in ds.iter_batches(batch_size=256, batch_format="numpy")])
-    assert np.array_equal(np.bincount(labels), 2 * np.bincount(train.labels))
-    first = labels[:200]  # shards hold one class each: unshuffled, the first rows would be one class
-    assert len(set(first.tolist())) == 10
-    batch = ds.take_batch(4, batch_format="numpy")
-    assert batch["image"].dtype == np.uint8 and batch["image"].shape[1:] == (8, 8)
+def test_training_set_streams_files_in_a_new_order_each_epoch_and_mixes_classes(local_ray, digits, shards):
+    train, _, info = digits
+    ds, mode, n = build_dataset(TrainSet("synthetic", shards[0], 1347, False), DIGITS, info, seed=0)
+    assert (mode, n) == ("synthetic", 1347)
+    ds.context.execution_options.preserve_order = True  # only the file order can change between executions
+
+    def labels(**kw):
+        return np.concatenate([b["label"] for b in ds.iter_batches(batch_size=32, batch_format="numpy", **kw)])
+
+    first, second = labels(), labels()  # two executions: two epochs
+    assert np.array_equal(np.bincount(first), np.bincount(train.labels))
+    assert not np.array_equal(first, second)  # the shards' file order is drawn anew per execution
+    assert len(set(first[:64].tolist())) <= 2  # a shard holds one class: unmixed, a batch holds one or two
+    # the local shuffle buffer the workers use mixes every class into the first batches
+    mixed = labels(local_shuffle_buffer_size=shuffle_buffer(n, 32, 64), local_shuffle_seed=0)
+    assert len(set(mixed[:64].tolist())) == 10
+    both, mode, n = build_dataset(TrainSet("mixed", shards[1], 1347, True), DIGITS, info, seed=0)
+    assert (mode, n) == ("mixed", 2 * 1347)
+    assert np.array_equal(np.bincount(np.concatenate([b["label"] for b in both.iter_batches(batch_format="numpy")])),
+                          2 * np.bincount(train.labels))

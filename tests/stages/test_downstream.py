@@ -1,0 +1,76 @@
+"""The downstream stage on a real local Ray: one classifier on the real digits and one on a recipe's shards,
+each finished classifier's result a file under <output>/_downstream/ that a rerun reads back."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from factory.config import from_dict
+from factory.data import load_real
+from factory.plan import Plan, RecipePlan
+from factory.shards import ShardSink
+from factory.stages.downstream import run_downstream
+
+
+class Info:
+    """What the stage needs of a real set (a ``RealInfo``): names, size, mode, counts; no images."""
+
+    def __init__(self, train, test):
+        self.class_names, self.size, self.mode = list(train.class_names), train.size, train.mode
+        self.counts = {s: np.bincount(r.labels, minlength=10).tolist() for s, r in (("train", train), ("test", test))}
+        self.num_classes = len(self.class_names)
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stage(local_ray, tmp_path_factory):
+    """An output whose recipe "cfg" holds the real digits train split as shards, and the stage run on it."""
+    train, test = load_real("digits", "train"), load_real("digits", "test")
+    out = str(tmp_path_factory.mktemp("out"))
+    sink = ShardSink(out, ["parquet"], class_names=train.class_names)
+    for label in range(10):
+        records = [{"key": f"c{label}-{i}", "image": _png(a), "label": label, "class_name": str(label), "seed": i}
+                   for i, a in enumerate(train.of_class(label))]
+        sink.commit("cfg", f"c{label:05d}-s00000", records, {})
+    cfg = from_dict({"data": {"source": "digits"}, "recipes": {"cfg": {"cfg_scale": 2.0}},
+                     "downstream": {"enabled": True, "epochs": 1, "batch_size": 32, "lr": 0.02, "num_workers": 1,
+                                    "train_on": ["synthetic", "real"]}})
+    plan = Plan([RecipePlan("cfg", 135, 135)], list(range(10)), train.class_names, 0)
+    info = Info(train, test)
+    return cfg, out, plan, info, run_downstream(cfg, out, plan, info)
+
+
+def test_every_classifier_is_judged_on_the_streamed_test_split(stage):
+    _, out, _, _, got = stage
+    assert set(got) == {"real", "cfg"} and set(got["real"]) == {"real"} and set(got["cfg"]) == {"synthetic"}
+    assert got["real"]["real"] > 0.7 and got["cfg"]["synthetic"] > 0.7, got  # chance: 0.1
+    for run in ("real-real", "cfg-synthetic"):
+        with open(os.path.join(out, "_downstream", f"{run}.json")) as f:
+            result = json.load(f)
+        assert result["test_counts"]["images"] == np.bincount(load_real("digits", "test").labels).tolist()
+        assert round(sum(result["test_counts"]["correct"]) / 450, 4) == got[run.split("-")[0]][run.split("-")[1]]
+
+
+def test_a_finished_classifier_is_read_back_not_retrained(stage):
+    cfg, out, plan, info, got = stage
+    shutil.rmtree(os.path.join(out, "_train"))  # no checkpoint to resume from: only the results remain
+    assert run_downstream(cfg, out, plan, info) == got
+    assert not os.path.exists(os.path.join(out, "_train"))  # no Ray Train run was started
+
+
+def test_a_recipe_without_parquet_shards_is_refused_before_training(stage, tmp_path):
+    cfg, _, _, info, _ = stage
+    plan = Plan([RecipePlan("cfg", 135, 135)], list(range(10)), info.class_names, 0)
+    with pytest.raises(FileNotFoundError, match="recipe 'cfg' has no Parquet shards"):
+        run_downstream(cfg, str(tmp_path), plan, info)
+    assert os.listdir(tmp_path) == []
