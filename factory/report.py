@@ -380,8 +380,8 @@ def write_report(sink: ShardSink, plan: Plan, metrics: dict, provenance: dict, *
     seed = plan.seed & (2**63 - 1)
     cfg_part = Part("the run's config", lambda: from_dict(provenance["config"]))
     cfg = cfg_part.value
-    samples = Part("the read-back sample", lambda: {r: read_sample(sink, r, labels, rows_per_class)
-                                                    for r in recipes}).value or {}
+    sample = Part("the read-back sample", lambda: {r: read_sample(sink, r, labels, rows_per_class) for r in recipes})
+    samples = sample.value or {}
     bank = ReferenceBank(sink.output, storage_options)
     real = Part("the reference bank", lambda: read_real(bank, labels, real_per_class, seed))
     no_features = [r for r, s in samples.items() if s.features is None]
@@ -427,10 +427,9 @@ def write_report(sink: ShardSink, plan: Plan, metrics: dict, provenance: dict, *
 
     def grids():
         out = []
-        for r in recipes:
-            s = samples.get(r)
+        for r, s in samples.items():
             rows = [[decode_image(im, key) for im, key, y in zip(s.images, s.keys, s.labels) if y == c]
-                    [:GRID_PER_CLASS] for c in labels] if s is not None else []
+                    [:GRID_PER_CLASS] for c in labels]
             out.append({"recipe": r, "uri": plots.png_data_uri(plots.image_grid(rows, GRID_CELL, GRID_GAP)),
                         "classes": [_class_name(names, c) for c in labels], "pitch": GRID_CELL + GRID_GAP})
         return out
@@ -448,7 +447,7 @@ def write_report(sink: ShardSink, plan: Plan, metrics: dict, provenance: dict, *
         "neighbours": Part("the nearest-neighbour pairs", neighbours),
         "neighbours_capped": real.value is not None and real.value.capped,
         "real_per_class": real_per_class,
-        "grids": Part("the sample grids", grids),
+        "grids": Part("the sample grids", grids), "sample_error": sample.error,
         "sample_words": _sample_words(len(labels), len(plan.labels), rows_per_class),
         "shown_classes": len(labels), "total_classes": len(plan.labels),
         "feature_note": feature_note, "bank_error": real.error,
