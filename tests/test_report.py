@@ -119,6 +119,30 @@ def run_dir(tmp_path_factory, local_ray):
     return path, metrics, plan, provenance
 
 
+@pytest.fixture(scope="module")
+def parquet_run(run_dir, tmp_path_factory):
+    """The same run over the digits set written as a Parquet real set (one file per split and class), with its
+    own bank: the report's real images come from row groups of the classes it shows."""
+    from factory.shards import encode_parquet
+    from factory.stages.references import build_reference_bank, real_info
+
+    path, metrics, plan, provenance = run_dir
+    tmp = tmp_path_factory.mktemp("parquet_run")
+    root = tmp / "real"
+    for split in ("train", "test"):
+        real = load_real("digits", split)
+        (root / split).mkdir(parents=True)
+        for label in range(10):
+            records = [{"key": f"{split}_{label}_{i:05d}", "image": _png(a), "label": label,
+                        "class_name": real.class_names[label], "seed": 0} for i, a in enumerate(real.of_class(label))]
+            (root / split / f"c{label:05d}.parquet").write_bytes(encode_parquet(records))
+    out = str(tmp / "run")
+    shutil.copytree(os.path.dirname(path), out, ignore=shutil.ignore_patterns("_references", "report.html"))
+    cfg = from_dict({**CONFIG, "data": {"source": "parquet", "root": str(root)}})
+    build_reference_bank(cfg, out, real_info(cfg), plan.labels, progress=False)
+    return out, str(root), metrics, plan, {**provenance, "config": cfg.to_dict(), "output": out}
+
+
 class Page(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -292,6 +316,36 @@ def test_reads_a_bounded_sample(run_dir, tmp_path, monkeypatch):
             im = Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
             assert im.size == (5 * 39 - 3, 3 * 39 - 3)
     assert "distances are upper bounds" in text  # 20 of the ~140 train features per class
+
+
+def test_real_images_are_read_for_the_shown_classes_only(parquet_run, monkeypatch):
+    """With a Parquet real set, the nearest neighbours' real images are row groups of the shown classes' files:
+    the report never loads a split."""
+    import pyarrow.parquet as pq
+
+    out, root, metrics, plan, provenance = parquet_run
+    real_reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def counting_read_row_group(self, i, *args, **kwargs):
+        if kwargs.get("columns") == ["key", "image", "label", "class_name"]:  # ClassImages' read of the real set
+            real_reads.append(self.metadata.num_rows)
+        return read_row_group(self, i, *args, **kwargs)
+
+    def no_whole_file(*args, **kwargs):
+        raise AssertionError("the report read a whole Parquet file")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting_read_row_group)
+    monkeypatch.setattr(pq, "read_table", no_whole_file)
+    write_report(ShardSink(out, ["parquet"]), plan, metrics, provenance, max_classes=3)
+    text, page = _parse(f"{out}/report.html")
+    assert "not available" not in text
+    alts = [img["alt"] for img in page.imgs]
+    assert alts.count("synthetic") == alts.count("train neighbour") == 4 * len(plan.recipes)
+    # at most one file per shown class, each a class's train images (~143 rows), never the 1,437 of the split
+    train = load_real("digits", "train")
+    sizes = {len(train.of_class(c)) for c in shown_classes(plan, 3)}
+    assert 1 <= len(real_reads) <= 3 and set(real_reads) <= sizes
 
 
 def test_run_text_is_escaped_and_the_page_is_deterministic(run_dir, tmp_path):
