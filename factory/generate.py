@@ -70,21 +70,52 @@ def embed(features, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     return torch.cat([features(images[i: i + batch]) for i in range(0, len(images), batch)])
 
 
+def train_discriminator(cfg: Config, recipe: str, backbone, features, classes: list[int], real_features):
+    """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001), trained once per recipe.
+
+    Real side: ``real_features(label)`` of each of ``classes`` (at most ``bank.DISC_REAL_PER_CLASS`` each);
+    synthetic side: ``baseline_per_class`` samples of each with plain CFG at the recipe's scale, seeded per
+    class. ``classes`` is at most ``bank.DISC_MAX_CLASSES`` of the run's (``bank.discriminator_classes``), so
+    the memory is bounded whatever the number of classes. Deterministic: seeded sampling and fit, CPU fit.
+    """
+    from factory import guidance
+    from factory.bank import discriminator_real
+
+    r = cfg.recipes[recipe]
+    (e,) = [e for e in r.energies if e.name == "lowdensity"]
+    per_class = int(e.params.get("baseline_per_class", 64))
+    fakes, reals = [], []
+    for label in classes:
+        g = torch.Generator().manual_seed(shard_seed(cfg.seed, f"{recipe}/baseline", label, 0))
+        labels = torch.full((per_class,), label, dtype=torch.long)
+        images = sample(backbone, backbone.scheduler, labels, g, cfg.sampling.steps, cfg_scale=r.cfg_scale,
+                        eta=cfg.sampling.eta).images
+        fakes.append(embed(features, images).float().cpu())
+        reals.append(discriminator_real(real_features(label), cfg.seed, recipe, label))
+    real = torch.cat(reals)
+    disc = guidance.FeatureDiscriminator(real.shape[1])
+    return disc.fit(real, torch.cat(fakes), seed=cfg.seed)
+
+
 class SyntheticProducer:
     """``adapters``: recipe -> the Real-Fake LoRA adapter (folder or URI) its shards sample with; a recipe
-    with a ``finetune`` block needs one (``factory run`` fine-tunes first). Loaded lazily, per recipe."""
+    with a ``finetune`` block needs one (``factory run`` fine-tunes first). Loaded lazily, per recipe.
+
+    ``bank``: a run's output with its reference bank (the run's way): per class, the producer reads the
+    features, OT targets and Gaussians the references stage fitted, and per recipe its discriminator; what it
+    holds is the few classes it is making plus the class means table (C x D). Without a bank it stands alone:
+    it loads and embeds the train split itself and fits the same things in memory (tests, benchmarks).
+    """
 
     def __init__(self, config: dict | Config, adapters: dict[str, str] | None = None, bank: str | None = None,
                  storage_options: dict | None = None):
-        from factory.stages.references import ClassImages, RealInfo, ReferenceBank
+        from factory.bank import ClassImages, RealInfo, ReferenceBank
 
         self.cfg = config if isinstance(config, Config) else from_dict(config)
         self.adapters = dict(adapters or {})
         self._backbones: dict = {}
         torch.set_num_threads(self.cfg.executor.torch_threads)
         data = self.cfg.data
-        # ``bank``: a run's output with its reference bank, read one class at a time (the run's way); without
-        # one the producer stands alone and loads and embeds the train split itself
         self.bank = None if bank is None else ReferenceBank(bank, storage_options)
         if self.bank is not None:
             self.train, self.info = None, self.bank.info()
@@ -98,7 +129,9 @@ class SyntheticProducer:
         self._train_features: torch.Tensor | None = None
         self._train_labels: torch.Tensor | None = None
         self._class_cache: dict[int, torch.Tensor] = {}
-        self._guidance: dict = {}  # per (recipe, class, shard) energies; per recipe discriminators
+        self._gaussians: dict = {}  # "means" -> (labels, table); "precisions" -> (C, D, D)
+        self._discriminators: dict = {}  # per recipe
+        self._guidance: dict = {}  # the energies of the last few shards
 
     def backbone_for(self, recipe: str):
         """The backbone a recipe samples with: the base one, or the base with the recipe's LoRA merged."""
@@ -114,16 +147,12 @@ class SyntheticProducer:
 
     @property
     def train_features(self) -> torch.Tensor:
-        """Every train feature (the low-density recipe's class Gaussians and discriminator need them all)."""
+        """Every train feature, embedded in this process: the standalone producer's (a bank's producer never)."""
+        if self.bank is not None:
+            raise RuntimeError("a producer reading a reference bank holds no whole train split")
         if self._train_features is None:
-            if self.bank is not None:
-                have = [c for c, n in enumerate(self.info.counts["train"]) if n]
-                feats = [self.bank.features("train", c) for c in have]
-                self._train_labels = torch.cat([torch.full((len(f),), c, dtype=torch.long) for c, f in zip(have, feats)])
-                self._train_features = torch.cat(feats)
-            else:
-                self._train_features = embed(self.features, torch.from_numpy(self.train.to_float()))
-                self._train_labels = torch.from_numpy(self.train.labels)
+            self._train_features = embed(self.features, torch.from_numpy(self.train.to_float()))
+            self._train_labels = torch.from_numpy(self.train.labels)
         return self._train_features
 
     @property
@@ -144,37 +173,76 @@ class SyntheticProducer:
         """The class's real train images as float pixels in [-1, 1] (the latent prior's init images)."""
         if self.bank is None:
             return torch.from_numpy(self.train.to_float()[self.train.labels == label])
-        from factory.stages.references import as_float
+        from factory.bank import as_float
 
         return as_float(self._class_images("train", label))
+
+    def _trained_classes(self) -> list[int]:
+        if self.bank is not None:
+            return [c for c in self.bank.meta()["labels"] if self.info.counts["train"][c]]
+        return [c for c, n in enumerate(self.info.counts["train"]) if n]
+
+    def _ot_target(self, recipe: str, label: int, K: int) -> dict:
+        from factory.bank import ot_seed, ot_target
+
+        if self.bank is not None:
+            return self.bank.ot_target(recipe, label)
+        return ot_target(self._class_features(label), K, ot_seed(self.cfg.seed, recipe, label))
+
+    def _class_means(self) -> tuple[list[int], np.ndarray]:
+        """(labels, means (C, D) float64): the table Eq. 4's contrast runs over (the bank's classes)."""
+        if "means" not in self._gaussians:
+            if self.bank is not None:
+                self._gaussians["means"] = self.bank.class_means()
+            else:
+                have = self._trained_classes()
+                means = [f.numpy().astype(np.float64).sum(0) / len(f) for f in map(self._class_features, have)]
+                self._gaussians["means"] = (have, np.stack(means))
+        return self._gaussians["means"]
+
+    def _class_precisions(self) -> torch.Tensor:
+        """(C, D, D) precisions of the means table's classes, with the metrics' ridge. C x D^2: the full
+        covariance option only (the default identity precision needs none)."""
+        from factory.bank import class_gaussian
+        from factory.guidance.lowdensity import precision_from_covariance
+
+        if "precisions" not in self._gaussians:
+            labels, _ = self._class_means()
+            if self.bank is not None:
+                var, covs = self.bank.meta()["feature_var"], [self.bank.gaussian(c)[1] for c in labels]
+            else:
+                var = float(self.train_features.double().var(dim=0).mean())
+                covs = [class_gaussian(self._class_features(c))[1] for c in labels]
+            self._gaussians["precisions"] = torch.stack([precision_from_covariance(c, var) for c in covs]).float()
+        return self._gaussians["precisions"]
 
     def _energy(self, e: EnergyConfig, recipe: str, shard: Shard):
         from factory import guidance
 
-        feats = self._class_features(shard.label)
-        seed = shard_seed(self.cfg.seed, f"{recipe}/{e.name}", shard.label, 0)
         p = dict(e.params)
         if e.name == "chamfer":
-            refs = guidance.select_references(feats, int(p.pop("k", 32)), seed)
+            seed = shard_seed(self.cfg.seed, f"{recipe}/{e.name}", shard.label, 0)
+            refs = guidance.select_references(self._class_features(shard.label), int(p.pop("k", 32)), seed)
             return guidance.ChamferEnergy(refs.to(self.backbone.device), **p)  # where the sampler's features are
         if e.name == "ot":
-            support, masses = guidance.kmeans_support(feats, K=int(p.pop("K", 10)), seed=seed % 2**31)
+            target = self._ot_target(recipe, shard.label, int(p.pop("K", 10)))
             n = self._images_per_class(recipe)
             # The class's target mass is partitioned across its shards (each fills its own share), so
             # shards stay independent, parallel and resumable while the class as a whole is matched.
             span = (shard.first_image / n, (shard.first_image + shard.num_images) / n)
-            part = guidance.partition_masses(masses, 1, 0, span=span)
-            p.setdefault("cost_scale", guidance.cost_scale_from_features(feats))
-            return guidance.OTEnergy(support, part, **p)
+            part = guidance.partition_masses(torch.from_numpy(target["masses"]), 1, 0, span=span)
+            p.setdefault("cost_scale", float(target["cost_scale"]))
+            return guidance.OTEnergy(torch.from_numpy(target["support"]), part, **p)
         if e.name == "lowdensity":
             identity = bool(p.pop("identity_precision", True))
-            p.pop("baseline_per_class", None)  # used by _discriminator
-            means, precisions = guidance.fit_class_gaussians(
-                self.train_features, self.train_labels, self.info.num_classes,
-                identity_precision=identity)
+            p.pop("baseline_per_class", None)  # the discriminator's
+            labels, means = self._class_means()
+            if shard.label not in labels:
+                raise ValueError(f"class {shard.label} has no train features: the low-density energy needs them")
             disc = self._discriminator(recipe) if float(p.get("beta", 0.0)) > 0 else None
-            return guidance.LowDensityEnergy(means, None if identity else precisions, label=shard.label,
-                                             discriminator=disc, **p)
+            return guidance.LowDensityEnergy(torch.from_numpy(means).float(),
+                                             None if identity else self._class_precisions(),
+                                             label=labels.index(shard.label), discriminator=disc, **p)
         raise ValueError(f"unknown energy {e.name!r}")
 
     def _images_per_class(self, recipe: str) -> int:
@@ -184,33 +252,25 @@ class SyntheticProducer:
         return images_per_class(r.scale, r.images_per_class, self.info.train_size(), self.info.num_classes)
 
     def _discriminator(self, recipe: str):
-        """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001).
+        """The recipe's discriminator: the bank's (trained once by the references stage), or, standing alone,
+        trained here the same way (:func:`train_discriminator`)."""
+        from factory.bank import discriminator_classes
 
-        Trained once per actor, deterministically, on the train features against baseline samples of
-        the same backbone with plain CFG at the recipe's scale (``baseline_per_class`` per class).
-        """
-        from factory import guidance
-
-        key = ("disc", recipe)
-        if key not in self._guidance:
-            r = self.cfg.recipes[recipe]
-            (e,) = [e for e in r.energies if e.name == "lowdensity"]
-            per_class = int(e.params.get("baseline_per_class", 64))
-            fakes, backbone = [], self.backbone_for(recipe)
-            for label in range(self.info.num_classes):
-                g = torch.Generator().manual_seed(shard_seed(self.cfg.seed, f"{recipe}/baseline", label, 0))
-                labels = torch.full((per_class,), label, dtype=torch.long)
-                images = sample(backbone, backbone.scheduler, labels, g, self.cfg.sampling.steps,
-                                cfg_scale=r.cfg_scale, eta=self.cfg.sampling.eta).images
-                fakes.append(embed(self.features, images))
-            disc = guidance.FeatureDiscriminator(self.train_features.shape[1])
-            disc.fit(self.train_features, torch.cat(fakes).cpu(), seed=self.cfg.seed)
-            self._guidance[key] = disc.to(self.backbone.device).eval().requires_grad_(False)
-        return self._guidance[key]
+        if recipe not in self._discriminators:
+            if self.bank is not None:
+                disc = self.bank.discriminator(recipe)
+            else:
+                classes = discriminator_classes(self._trained_classes(), self.cfg.seed, recipe)
+                disc = train_discriminator(self.cfg, recipe, self.backbone_for(recipe), self.features, classes,
+                                           self._class_features)
+            self._discriminators[recipe] = disc.to(self.backbone.device).eval().requires_grad_(False)
+        return self._discriminators[recipe]
 
     def guidance_for(self, shard: Shard) -> list[Guidance]:
         key = (shard.recipe, shard.label, shard.index)
         if key not in self._guidance:
+            if len(self._guidance) >= 4:  # the last few shards' energies, not every shard's the actor made
+                self._guidance.pop(next(iter(self._guidance)))
             self._guidance[key] = [
                 Guidance(self._energy(e, shard.recipe, shard), e.weight, e.every, tuple(e.window), e.normalize,
                          e.name)
@@ -275,7 +335,7 @@ class SyntheticProducer:
         return images
 
     def __call__(self, shard: Shard) -> list[dict]:
-        from factory.stages.score import features_column
+        from factory.bank import features_column
 
         images = self.sample_shard(shard)
         feats = features_column(images, self.features)  # in the evaluation space: scoring reads this column

@@ -77,6 +77,7 @@ from torch import Tensor, nn
 __all__ = [
     "hardness",
     "fit_class_gaussians",
+    "precision_from_covariance",
     "FeatureDiscriminator",
     "LowDensityEnergy",
     "normalized_combination",
@@ -202,17 +203,20 @@ def fit_class_gaussians(
     if identity_precision:
         return means.float(), None
     var = float(X.var(dim=0, unbiased=N > 1).mean()) if N > 1 else 0.0
-    lam = ridge * (var if var > 0 else 1.0)
-    eye = torch.eye(D, dtype=torch.float64)
-
-    def _prec(cov: Tensor) -> Tensor:
-        L = torch.linalg.cholesky(cov + lam * eye)
-        return torch.cholesky_inverse(L)
-
     if shared_covariance:
-        return means.float(), _prec(pooled).float()
-    precs = torch.stack([_prec(covs[c] if counts[c] > 0 else pooled) for c in range(C)])
+        return means.float(), precision_from_covariance(pooled, var, ridge).float()
+    precs = torch.stack([precision_from_covariance(covs[c] if counts[c] > 0 else pooled, var, ridge)
+                         for c in range(C)])
     return means.float(), precs.float()
+
+
+def precision_from_covariance(cov: ArrayLike, feature_var: float, ridge: float = 1e-3) -> Tensor:
+    """``(cov + lambda I)^-1`` in float64, ``lambda = ridge * feature_var`` (1.0 when that is 0): the ridge of
+    :func:`fit_class_gaussians`, for a covariance stored apart from its features (the reference bank's)."""
+    cov = _as_tensor(cov).detach().double().cpu()
+    lam = ridge * (feature_var if feature_var > 0 else 1.0)
+    L = torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[-1], dtype=torch.float64))
+    return torch.cholesky_inverse(L)
 
 
 class FeatureDiscriminator(nn.Module):

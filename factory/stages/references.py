@@ -1,145 +1,35 @@
-"""The reference bank: the real train and test splits embedded once, class by class, in the run's feature space.
+"""The references stage: the real train and test splits embedded once, class by class, and every per-class
+statistic guidance needs fitted once, written as the reference bank (layout and reader: :mod:`factory.bank`).
 
-    <output>/_references/train/c00003.npy    float32 (N_c, D): class 3's train features
-    <output>/_references/train/c00003.json   written after it: count, per-dimension sum and sum of squares
-    <output>/_references/test/...            the same for the test split
-    <output>/_references/meta.json           written last: the bank is complete
-
-Sampling actors load only the classes they make, scoring reads the test features class by class, and
-nothing re-embeds the real set after this stage. A rerun skips every class whose .json exists; a bank
-made for other data or another feature space is refused, not silently reused.
+Per class, in a Ray Data actor pool (GPUs when the config has them): its features, its Gaussian (mean and
+covariance) and, for each recipe with an OT energy, its K-means support and masses. Then one task gathers the
+class means table and the ridge scale, and one task per low-density recipe trains its discriminator. Sampling
+actors load only the classes they make, scoring reads the test features class by class, and nothing re-embeds
+or refits after this stage. A rerun skips every file that exists; a bank made for other data or another feature
+space is refused, not silently reused, and so is a discriminator made for another recipe, seed or backbone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-BANK = "_references"
-SPLITS = ("train", "test")
+from factory.bank import (BANK, SPLITS, ClassImages, RealInfo, ReferenceBank, as_float, class_gaussian,  # noqa: F401
+                          discriminator_classes, lowdensity_recipes, ot_params, ot_seed, ot_target, real_info)
 
 
-@dataclass
-class RealInfo:
-    """What the plan, the backbone and the checks need of a real set: no images."""
-
-    class_names: list[str]
-    size: tuple[int, int]
-    mode: str
-    counts: dict  # split -> list of images per class (label order)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def train_size(self) -> int:
-        return int(sum(self.counts["train"]))
-
-
-def real_info(cfg) -> RealInfo:
-    """The real set's names, size, mode and counts: from a prepared set's class index when it has one (metadata
-    only, whatever the set's size), else from loading the split (the small embedded and folder sets)."""
-    from factory.data import load_real, read_class_index
-
-    if cfg.data.source == "parquet" and cfg.data.root:
-        index = read_class_index(cfg.data.root)
-        if index is not None and all(s in index.get("counts", {}) for s in SPLITS):
-            n = len(index["class_names"])
-            counts = {s: _count_list(index["counts"][s], index["class_names"], n) for s in SPLITS}
-            size = index["size"]
-            return RealInfo(list(index["class_names"]), (int(size[0]), int(size[1])) if isinstance(size, list)
-                            else (int(size), int(size)), index["mode"], counts)
-    counts, first = {}, None
-    for split in SPLITS:
-        real = load_real(cfg.data.source, split, cfg.data.root)
-        first = first or real
-        counts[split] = np.bincount(real.labels, minlength=real.num_classes).tolist()
-    return RealInfo(list(first.class_names), first.size, first.mode, counts)
-
-
-def _count_list(counts, names, n) -> list[int]:
-    if isinstance(counts, dict):  # by class name or by label
-        return [int(counts.get(name, counts.get(str(i), 0))) for i, name in enumerate(names)]
-    return [int(c) for c in counts] + [0] * (n - len(counts))
-
-
-class ClassImages:
-    """The real images of one class of a split. Parquet sets are read with a filter on the label column, so
-    memory holds one class; the other sources load their split once (per process) and slice it."""
-
-    def __init__(self, source: str, root: str | None):
-        self.source, self.root = source, root
-
-    def __call__(self, split: str, label: int) -> np.ndarray:
-        if self.source == "parquet":
-            return _parquet_class(self.root, split, label)
-        return _whole_split(self.source, self.root, split).of_class(label)
-
-
-@lru_cache(maxsize=2)
-def _whole_split(source, root, split):
-    from factory.data import load_real
-
-    return load_real(source, split, root)
-
-
-@lru_cache(maxsize=4)
-def _label_index(root: str, split: str) -> tuple:
-    """(fs, [(file, row group, min label, max label)]) from the Parquet footers' statistics, read once per
-    process: a class then reads only the row groups that can hold it, not every file of the split."""
-    import pyarrow.parquet as pq
-
-    from factory.data import _shard_files
-
-    fs, files = _shard_files(root, ".parquet", split)
-    groups = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-        col = next((i for i in range(meta.num_columns) if meta.schema.column(i).path == "label"), -1)
-        for rg in range(meta.num_row_groups):
-            st = meta.row_group(rg).column(col).statistics if col >= 0 else None
-            lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
-            groups.append((f, rg, lo, hi))
-    return fs, groups
-
-
-def _parquet_class(root: str, split: str, label: int) -> np.ndarray:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from factory.data import _from_records, read_class_index
-
-    fs, groups = _label_index(root, split)
-    records = []
-    for f, rg, lo, hi in groups:
-        if lo is not None and not lo <= label <= hi:
-            continue
-        with fs.open(f, "rb") as fh:
-            table = pq.ParquetFile(fh).read_row_group(rg, columns=["key", "image", "label", "class_name"])
-        table = table.filter(pc.equal(table.column("label"), label))
-        records += [(img, int(lab), name, f"{f}:{key}") for key, img, lab, name in
-                    zip(*(table.column(c).to_pylist() for c in ("key", "image", "label", "class_name")))]
-    if not records:
-        return np.zeros((0,), dtype=np.uint8)
-    index = read_class_index(root)
-    return _from_records(records, root, index["class_names"] if index else None).images
-
-
-def as_float(images: np.ndarray):
-    """uint8 (N, H, W) or (N, H, W, 3) -> float32 (N, C, H, W) in [-1, 1], as the sampler's pixels."""
-    import torch
-
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
-    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 class ClassEmbedder:
-    """Ray Data callable class: loads the feature model once, then embeds and writes one (split, class) a row."""
+    """Ray Data callable class: loads the feature model once, then writes one (split, class) a row: its features
+    and stats and, for train, its Gaussian and each OT recipe's K-means target (whichever of them is missing)."""
 
     def __init__(self, config: dict, output: str, storage_options: dict | None = None):
         import torch
@@ -154,90 +44,153 @@ class ClassEmbedder:
         self.images = ClassImages(self.cfg.data.source, self.cfg.data.root)
         self.bank = ReferenceBank(output, storage_options)
         self.sink = ShardSink(output, [], storage_options)
+        self.ot = ot_params(self.cfg)
 
-    def __call__(self, batch: dict) -> dict:
+    def _embed(self, split: str, label: int) -> np.ndarray:
         from factory.generate import embed
 
+        images = self.images(split, label)
+        if len(images):
+            feats = embed(self.features, as_float(images)).float().cpu().numpy()
+        else:
+            feats = np.zeros((0, 0), dtype=np.float32)
+        buf = io.BytesIO()
+        np.save(buf, feats.astype(np.float32), allow_pickle=False)
+        self.sink.put(self.bank.path(split, label, ".npy"), buf.getvalue())
+        if split == "train" and len(feats):
+            self.sink.put(self.bank.gauss_path(label), _npz(**dict(zip(("mean", "cov"), class_gaussian(feats)))))
+        f64 = feats.astype(np.float64)
+        stats = {"count": int(len(feats)), "sum": f64.sum(0).tolist(), "sumsq": (f64 ** 2).sum(0).tolist()}
+        self.sink.put(self.bank.path(split, label, ".json"), json.dumps(stats).encode())  # marker, last
+        return feats
+
+    def __call__(self, batch: dict) -> dict:
         rows = {"split": [], "label": [], "count": []}
         for split, label in zip(batch["split"], batch["label"]):
             split, label = str(split), int(label)
-            images = self.images(split, label)
-            if len(images):
-                feats = embed(self.features, as_float(images)).float().cpu().numpy()
-            else:
-                feats = np.zeros((0, 0), dtype=np.float32)
-            buf = io.BytesIO()
-            np.save(buf, feats.astype(np.float32), allow_pickle=False)
-            self.sink.put(self.bank.path(split, label, ".npy"), buf.getvalue())
-            f64 = feats.astype(np.float64)
-            stats = {"count": int(len(feats)), "sum": f64.sum(0).tolist(), "sumsq": (f64 ** 2).sum(0).tolist()}
-            self.sink.put(self.bank.path(split, label, ".json"), json.dumps(stats).encode())  # marker, last
+            fs = self.bank.fs
+            feats = None if fs.exists(self.bank.path(split, label, ".json")) else self._embed(split, label)
+            if split == "train":
+                def train_feats():
+                    return self.bank.features("train", label).numpy() if feats is None else feats
+
+                if feats is None and not fs.exists(self.bank.gauss_path(label)):  # a bank from before Gaussians
+                    feats = train_feats()
+                    self.sink.put(self.bank.gauss_path(label), _npz(**dict(zip(("mean", "cov"),
+                                                                                 class_gaussian(feats)))))
+                for recipe, K in self.ot.items():
+                    if not fs.exists(self.bank.ot_path(recipe, label)):
+                        feats = train_feats()
+                        target = ot_target(feats, K, ot_seed(self.cfg.seed, recipe, label))
+                        self.sink.put(self.bank.ot_path(recipe, label), _npz(**target))
             rows["split"].append(split)
             rows["label"].append(label)
-            rows["count"].append(len(feats))
+            rows["count"].append(-1 if feats is None else len(feats))
         return {k: np.asarray(v) for k, v in rows.items()}
-
-
-class ReferenceBank:
-    """Reads (and names the files of) the bank under a run's output."""
-
-    def __init__(self, output: str, storage_options: dict | None = None):
-        import fsspec
-
-        self.output = output.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.output, **(storage_options or {}))
-        self.root = f"{root}/{BANK}"
-        self._meta = None
-
-    def path(self, split: str, label: int, suffix: str) -> str:
-        return f"{self.root}/{split}/c{label:05d}{suffix}"
-
-    @property
-    def meta_path(self) -> str:
-        return f"{self.root}/meta.json"
-
-    def is_complete(self) -> bool:
-        return self.fs.exists(self.meta_path)
-
-    def meta(self) -> dict:
-        if self._meta is None:
-            self._meta = json.loads(self.fs.cat_file(self.meta_path))
-        return self._meta
-
-    def done(self, split: str) -> set[int]:
-        try:
-            names = self.fs.ls(f"{self.root}/{split}", detail=False)
-        except FileNotFoundError:
-            return set()
-        return {int(n.rsplit("/", 1)[-1][1:6]) for n in names if n.endswith(".json")}
-
-    def features(self, split: str, label: int):
-        """float32 tensor (N_c, D) of one class."""
-        import torch
-
-        return torch.from_numpy(np.load(io.BytesIO(self.fs.cat_file(self.path(split, label, ".npy")))))
-
-    def stats(self, split: str, label: int) -> dict:
-        return json.loads(self.fs.cat_file(self.path(split, label, ".json")))
-
-    def info(self) -> RealInfo:
-        m = self.meta()
-        return RealInfo(m["class_names"], tuple(m["size"]), m["mode"], m["counts"])
 
 
 def bank_signature(cfg) -> dict:
     """What the bank's content depends on: the real data and the feature space."""
-    import dataclasses
-
     return {"data": {"source": cfg.data.source, "root": cfg.data.root}, "features": dataclasses.asdict(cfg.features)}
 
 
-def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], storage_options: dict | None = None,
-                         progress: bool = True) -> dict:
-    """The references stage: embed ``labels``' train and test images once, one (split, class) per actor call.
+def summarise_bank(output: str, storage_options: dict | None, labels: list[int]) -> dict:
+    """A task: the class means table (``means.npz``) and the ridge scale of every class Gaussian (the mean
+    per-dimension variance of all train features), from the classes' stats files read one at a time."""
+    from factory.shards import ShardSink
 
-    Returns the bank's meta.json content. The driver holds one small row per class and the per-dimension
-    sums it needs for ``feature_var`` (the ridge scale of the class Gaussians), nothing that grows with images.
+    bank = ReferenceBank(output, storage_options)
+    names = bank.listing("train")
+    n, s1, s2, have, means = 0, None, None, [], []
+    for c in sorted(labels):
+        if f"c{c:05d}.json" not in names:
+            continue
+        st = bank.stats("train", c)
+        if not st["count"]:
+            continue
+        n += st["count"]
+        a, b = np.asarray(st["sum"]), np.asarray(st["sumsq"])
+        s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
+        have.append(c)
+        means.append(a / st["count"])
+    dim = 0 if s1 is None else int(len(s1))
+    var = float(((s2 - s1 ** 2 / n) / max(n - 1, 1)).mean()) if n > 1 else 0.0
+    table = np.stack(means) if means else np.zeros((0, dim))
+    ShardSink(output, [], storage_options).put(bank.means_path, _npz(labels=np.asarray(have, dtype=np.int64),
+                                                                        means=table.astype(np.float64)))
+    return {"dim": dim, "feature_var": var, "train_images": n}
+
+
+def discriminator_made_for(cfg, recipe: str, adapter: str | None) -> dict:
+    """What a recipe's discriminator depends on besides the bank: its recipe, the seed, the backbone, sampling."""
+    return json.loads(json.dumps({"recipe": dataclasses.asdict(cfg.recipes[recipe]), "seed": cfg.seed,
+                                  "backbone": dataclasses.asdict(cfg.backbone), "steps": cfg.sampling.steps,
+                                  "eta": cfg.sampling.eta, "adapter": adapter}))
+
+
+def train_discriminator_task(config: dict, output: str, recipe: str, adapter: str | None,
+                             storage_options: dict | None = None) -> dict:
+    """A task: the recipe's low-density discriminator, trained once on the bank's train features against the
+    backbone's plain-CFG baseline (see :func:`factory.generate.train_discriminator` for its bounded size)."""
+    import torch
+
+    from factory.config import from_dict
+    from factory.generate import build_backbone, build_features, train_discriminator
+    from factory.shards import ShardSink
+
+    cfg = from_dict(config)
+    torch.set_num_threads(cfg.executor.torch_threads)
+    bank = ReferenceBank(output, storage_options)
+    info, labels = bank.info(), bank.meta()["labels"]
+    classes = discriminator_classes([c for c in labels if info.counts["train"][c]], cfg.seed, recipe)
+    backbone = build_backbone(cfg, info, lora=adapter)
+    disc = train_discriminator(cfg, recipe, backbone, build_features(cfg), classes,
+                               lambda c: bank.features("train", c))
+    buf = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in disc.state_dict().items()}, buf)
+    sink = ShardSink(output, [], storage_options)
+    sink.put(bank.discriminator_path(recipe), buf.getvalue())
+    done = {"made_for": discriminator_made_for(cfg, recipe, adapter), "in_dim": disc.in_dim,
+            "hidden": list(disc.hidden), "classes": classes, "last_loss": disc.last_loss}
+    sink.put(bank.discriminator_path(recipe, "done.json"), json.dumps(done, indent=1).encode())  # marker, last
+    return done
+
+
+def train_discriminators(cfg, output: str, adapters: dict[str, str] | None = None,
+                         storage_options: dict | None = None) -> list[str]:
+    """Train, in parallel Ray tasks, the discriminator of every low-density recipe that has none yet and can
+    sample now (no ``finetune``, or its adapter in ``adapters``). Returns the recipes trained."""
+    import ray
+
+    bank = ReferenceBank(output, storage_options)
+    adapters = adapters or {}
+    todo = []
+    for recipe in lowdensity_recipes(cfg):
+        if cfg.recipes[recipe].finetune is not None and recipe not in adapters:
+            continue  # sampled with its LoRA adapter: trained once that exists (call again after fine-tuning)
+        adapter = adapters.get(recipe)
+        if bank.has_discriminator(recipe):
+            done = json.loads(bank.fs.cat_file(bank.discriminator_path(recipe, "done.json")))
+            want = discriminator_made_for(cfg, recipe, adapter)
+            if done["made_for"] != want:
+                raise ValueError(f"{output}/{BANK}/lowdensity/{recipe} holds a discriminator made for "
+                                 f"{done['made_for']}, not this run's {want}: use another --output, or delete that "
+                                 "folder to retrain it")
+            continue
+        todo.append((recipe, adapter))
+    ex = cfg.executor
+    task = ray.remote(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus)(train_discriminator_task)
+    ray.get([task.remote(cfg.to_dict(), output, recipe, adapter, storage_options) for recipe, adapter in todo])
+    return [recipe for recipe, _ in todo]
+
+
+def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], storage_options: dict | None = None,
+                         progress: bool = True, adapters: dict[str, str] | None = None) -> dict:
+    """The references stage: embed and fit ``labels``' classes once, one (split, class) per actor call, then
+    the means table and the discriminators (``adapters``: recipe -> LoRA adapter, for fine-tuned recipes).
+
+    Returns the bank's meta.json content. The driver holds one small row per class, nothing that grows with
+    images or dimensions.
     """
     import ray
     from tqdm import tqdm
@@ -246,16 +199,24 @@ def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], st
 
     bank = ReferenceBank(output, storage_options)
     signature = bank_signature(cfg)
+    meta = None
     if bank.is_complete():
         meta = bank.meta()
         if meta.get("signature") != json.loads(json.dumps(signature)):
             raise ValueError(f"{output}/{BANK} was made for {meta.get('signature')}, not this run's data and features "
                              f"({signature}): use another --output, or delete {BANK}/ to rebuild it")
-        if set(labels) <= set(meta["labels"]):
-            return meta
-    done = {split: bank.done(split) for split in SPLITS}
-    items = [{"split": s, "label": int(c)} for s in SPLITS for c in labels
-             if c not in done[s] and info.counts[s][c] > 0]
+        if not set(labels) <= set(meta["labels"]):
+            meta = None
+    names = {split: bank.listing(split) for split in SPLITS}
+    ot = {recipe: bank.listing(f"ot/{recipe}") for recipe in ot_params(cfg)}
+
+    def pending(split: str, c: int) -> bool:
+        if f"c{c:05d}.json" not in names[split]:
+            return True
+        return split == "train" and (f"c{c:05d}.gauss.npz" not in names[split]
+                                     or any(f"c{c:05d}.npz" not in have for have in ot.values()))
+
+    items = [{"split": s, "label": int(c)} for s in SPLITS for c in labels if info.counts[s][c] > 0 and pending(s, c)]
     if items:
         ex = cfg.executor
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map_batches(
@@ -266,21 +227,11 @@ def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], st
         with tqdm(total=len(items), desc="references", unit="class", disable=not progress) as bar:
             for _ in ds.iter_rows():
                 bar.update(1)
-    # the ridge scale of every class Gaussian: the mean per-dimension variance of all train features
-    n, s1, s2 = 0, None, None
-    for c in labels:
-        if info.counts["train"][c] == 0:
-            continue
-        st = bank.stats("train", c)
-        if not st["count"]:
-            continue
-        n += st["count"]
-        a, b = np.asarray(st["sum"]), np.asarray(st["sumsq"])
-        s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
-    dim = 0 if s1 is None else int(len(s1))
-    var = float(((s2 - s1 ** 2 / n) / max(n - 1, 1)).mean()) if n > 1 else 0.0
-    meta = {"signature": signature, "class_names": info.class_names, "size": list(info.size), "mode": info.mode,
-            "counts": info.counts, "labels": sorted(set(labels)), "dim": dim, "feature_var": var,
-            "train_images": n}
-    ShardSink(output, [], storage_options).put(bank.meta_path, json.dumps(meta, indent=1).encode())
+    if meta is None or any(it["split"] == "train" and f"c{it['label']:05d}.json" not in names["train"]
+                           for it in items):
+        summary = ray.get(ray.remote(num_cpus=1)(summarise_bank).remote(output, storage_options, sorted(set(labels))))
+        meta = {"signature": signature, "class_names": info.class_names, "size": list(info.size), "mode": info.mode,
+                "counts": info.counts, "labels": sorted(set(labels)), **summary}
+        ShardSink(output, [], storage_options).put(bank.meta_path, json.dumps(meta, indent=1).encode())
+    train_discriminators(cfg, output, adapters, storage_options)
     return meta

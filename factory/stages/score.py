@@ -54,7 +54,7 @@ def score_chunk(output: str, storage_options, name: str, labels: list[int], k: i
     import torch
 
     from factory import metrics
-    from factory.stages.references import ReferenceBank
+    from factory.bank import ReferenceBank
 
     bank = ReferenceBank(output, storage_options)
     var = bank.meta()["feature_var"]
@@ -111,7 +111,7 @@ def score_sets(cfg, output: str, sets: dict[str, int], labels: list[int], class_
     from tqdm import tqdm
 
     from factory import metrics
-    from factory.stages.references import ReferenceBank
+    from factory.bank import ReferenceBank
 
     bank = ReferenceBank(output, storage_options)
     meta = bank.meta()
@@ -161,14 +161,3 @@ def score_sets(cfg, output: str, sets: dict[str, int], labels: list[int], class_
         out[name] = m
     bar.close()
     return out
-
-
-def features_column(images, features, batch: int = 512) -> np.ndarray:
-    """float32 (N, D) features of the images as they are stored (quantised to uint8 and back), so the column
-    equals what embedding the decoded shard would give."""
-    import torch
-
-    with torch.no_grad():
-        q = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
-        return torch.cat([features(q[i:i + batch]) for i in range(0, len(q), batch)]).float().cpu().numpy()
-

@@ -9,6 +9,7 @@ from factory.guidance.lowdensity import (
     fit_class_gaussians,
     hardness,
     normalized_combination,
+    precision_from_covariance,
 )
 
 
@@ -62,6 +63,20 @@ def test_fit_class_gaussians():
     assert p2 is None and torch.equal(m2, means)
     _, ps = fit_class_gaussians(X, y, shared_covariance=True)
     assert ps.shape == (3, 3)
+
+
+def test_a_stored_covariance_gives_the_fitted_precision():
+    """The reference bank stores each class's covariance apart; its precision must be the fitted one."""
+    rng = np.random.default_rng(1)
+    X = np.concatenate([rng.normal(0, 1, (40, 5)), rng.normal(3, 2, (4, 5))])  # class 1: fewer points than D
+    y = np.array([0] * 40 + [1] * 4)
+    _, precs = fit_class_gaussians(X, y)
+    var = float(X.var(axis=0, ddof=1).mean())
+    for c in (0, 1):
+        stored = precision_from_covariance(np.cov(X[y == c].T), var)
+        assert torch.allclose(stored.float(), precs[c], rtol=1e-5)
+    with pytest.raises(torch.linalg.LinAlgError):
+        precision_from_covariance(-np.eye(5), var)
 
 
 def test_contrastive_term_is_eq4():

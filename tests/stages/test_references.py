@@ -50,3 +50,65 @@ def test_a_crashed_bank_resumes_and_a_foreign_bank_is_refused(local_ray, tmp_pat
     with pytest.raises(ValueError, match="_references was made for"):
         build_reference_bank(other, str(tmp_path), info, [0, 1], progress=False)
     assert np.load(bank / "train" / "c00000.npy").shape == (info.counts["train"][0], 64)
+
+
+RECIPES = {
+    "dmgd": {"images_per_class": 6, "cfg_scale": 2.0, "progressive_batch": 3,
+             "energies": [{"name": "ot", "weight": 0.3, "window": [0.1, 0.6], "params": {"K": 4}}]},
+    "low": {"images_per_class": 6, "energies": [{"name": "lowdensity", "normalize": "linf",
+            "params": {"alpha": 0.5, "beta": 0.5, "baseline_per_class": 3}}]},
+}
+
+
+def _recipe_cfg(recipes, seed=0):
+    return from_dict({"seed": seed, "data": {"source": "digits", "classes": ["2", "7"]}, "features": {"name": "cnn", "checkpoint": "digits"},
+                      "sampling": {"steps": 3, "shard_size": 6}, "executor": {"num_actors": [1, 1]},
+                      "recipes": recipes})
+
+
+def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray, tmp_path):
+    from factory import guidance
+    from factory.bank import class_gaussian, ot_seed
+    from factory.generate import SyntheticProducer
+    from factory.run import build_plan
+
+    cfg = _recipe_cfg({"dmgd": RECIPES["dmgd"]})
+    info = real_info(cfg)
+    meta = build_reference_bank(cfg, str(tmp_path), info, [2, 7], progress=False)
+    bank = ReferenceBank(str(tmp_path))
+    feats = bank.features("train", 7)
+    mean, cov = bank.gaussian(7)
+    want_mean, want_cov = class_gaussian(feats)
+    assert np.array_equal(mean, want_mean) and np.array_equal(cov, want_cov) and cov.shape == (64, 64)
+    support, masses = guidance.kmeans_support(feats, K=4, seed=ot_seed(0, "dmgd", 7))
+    target = bank.ot_target("dmgd", 7)
+    assert np.array_equal(target["support"], support.numpy()) and np.array_equal(target["masses"], masses.numpy())
+    labels, means = bank.class_means()
+    assert labels == [2, 7] and np.allclose(means[1], want_mean)
+    assert not (tmp_path / "_references" / "lowdensity").exists()
+
+    # a recipe added on a rerun: only its files are made, the features are not re-embedded, meta is kept
+    stamps = {f: f.stat().st_mtime_ns for f in (tmp_path / "_references").rglob("*") if f.is_file()}
+    both = _recipe_cfg(RECIPES)
+    assert build_reference_bank(both, str(tmp_path), info, [2, 7], progress=False) == meta
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())
+    done = json.loads((tmp_path / "_references" / "lowdensity" / "low" / "done.json").read_text())
+    assert done["classes"] == [2, 7] and done["in_dim"] == 64
+
+    # producers reading the bank: no whole train split, no fitting, the same bytes from two actors
+    plan = build_plan(both, info)
+    one, two = (SyntheticProducer(both.to_dict(), bank=str(tmp_path)) for _ in range(2))
+    with pytest.raises(RuntimeError, match="no whole train split"):
+        one.train_features
+    for recipe in RECIPES:
+        shard = plan.shard(plan.recipe_range(recipe)[1])  # class 7
+        assert shard.label == 7 and one(shard) == two(shard)
+    disc = one._discriminators["low"]
+    saved = bank.discriminator("low")
+    assert all(torch.equal(a, b) for a, b in zip(disc.state_dict().values(), saved.state_dict().values()))
+    assert one._class_cache == {}  # OT targets, means and discriminator come fitted: no class's features read
+
+    # a discriminator made for another recipe is refused, not reused
+    other = _recipe_cfg(RECIPES, seed=1)
+    with pytest.raises(ValueError, match="lowdensity/low holds a discriminator made for"):
+        build_reference_bank(other, str(tmp_path), info, [2, 7], progress=False)
