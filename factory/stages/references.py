@@ -122,10 +122,14 @@ def summarise_bank(output: str, storage_options: dict | None, labels: list[int])
 
 
 def discriminator_made_for(cfg, recipe: str, adapter: str | None) -> dict:
-    """What a recipe's discriminator depends on besides the bank: its recipe, the seed, the backbone, sampling."""
-    return json.loads(json.dumps({"recipe": dataclasses.asdict(cfg.recipes[recipe]), "seed": cfg.seed,
-                                  "backbone": dataclasses.asdict(cfg.backbone), "steps": cfg.sampling.steps,
-                                  "eta": cfg.sampling.eta, "adapter": adapter}))
+    """What a recipe's discriminator depends on besides the bank: its baseline's sampling (CFG scale, images per
+    class, seed, backbone and adapter, steps, eta); not the recipe's image count or energy weights."""
+    r = cfg.recipes[recipe]
+    (e,) = [e for e in r.energies if e.name == "lowdensity"]
+    per_class = e.params.get("baseline_per_class", 64)
+    return json.loads(json.dumps({"cfg_scale": r.cfg_scale, "baseline_per_class": per_class, "seed": cfg.seed,
+                                  "backbone": dataclasses.asdict(cfg.backbone), "adapter": adapter,
+                                  "steps": cfg.sampling.steps, "eta": cfg.sampling.eta}))
 
 
 def train_discriminator_task(config: dict, output: str, recipe: str, adapter: str | None,

@@ -61,9 +61,9 @@ RECIPES = {
 
 
 def _recipe_cfg(recipes, seed=0):
-    return from_dict({"seed": seed, "data": {"source": "digits", "classes": ["2", "7"]}, "features": {"name": "cnn", "checkpoint": "digits"},
-                      "sampling": {"steps": 3, "shard_size": 6}, "executor": {"num_actors": [1, 1]},
-                      "recipes": recipes})
+    return from_dict({"seed": seed, "data": {"source": "digits", "classes": ["2", "7"]},
+                      "features": {"name": "cnn", "checkpoint": "digits"}, "sampling": {"steps": 3, "shard_size": 6},
+                      "executor": {"num_actors": [1, 1]}, "recipes": recipes})
 
 
 def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray, tmp_path):
@@ -108,7 +108,12 @@ def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray
     assert all(torch.equal(a, b) for a, b in zip(disc.state_dict().values(), saved.state_dict().values()))
     assert one._class_cache == {}  # OT targets, means and discriminator come fitted: no class's features read
 
-    # a discriminator made for another recipe is refused, not reused
+    # more images of the recipe need the same discriminator; another seed's baseline is refused, not reused
+    marker = tmp_path / "_references" / "lowdensity" / "low" / "done.json"
+    kept = marker.stat().st_mtime_ns
+    more = _recipe_cfg({**RECIPES, "low": {**RECIPES["low"], "images_per_class": 9}})
+    build_reference_bank(more, str(tmp_path), info, [2, 7], progress=False)
+    assert marker.stat().st_mtime_ns == kept
     other = _recipe_cfg(RECIPES, seed=1)
     with pytest.raises(ValueError, match="lowdensity/low holds a discriminator made for"):
         build_reference_bank(other, str(tmp_path), info, [2, 7], progress=False)
