@@ -5,7 +5,8 @@
     <output>/_references/train/c00003.json           written after them: count, per-dimension sum and sum of squares
     <output>/_references/train/means.npz             labels (C,) and class means (C, D): the low-density energy's table
     <output>/_references/test/...                    the test split's features and stats
-    <output>/_references/ot/<recipe>/c00003.npz      DMGD's K-means support, masses and cost scale for that recipe
+    <output>/_references/ot/<recipe>/K10/c00003.npz  DMGD's K-means support, masses and cost scale for that recipe
+    <output>/_references/chamfer/<recipe>/k32/c00003.npz   Chamfer's k reference features for that recipe
     <output>/_references/lowdensity/<recipe>/        the recipe's real-vs-synthetic discriminator, done.json last
     <output>/_references/meta.json                   written after the per-class files: the bank is complete
 
@@ -170,9 +171,16 @@ def class_gaussian(feats) -> tuple[np.ndarray, np.ndarray]:
     return mean.numpy(), cov.numpy()
 
 
-def ot_params(cfg) -> dict[str, int]:
-    """recipe -> K of its OT energy (the recipes whose K-means supports the bank holds)."""
-    return {name: int(e.params.get("K", 10)) for name, r in cfg.recipes.items() for e in r.energies if e.name == "ot"}
+TARGETS = {"ot": "K", "chamfer": "k"}  # the energies whose per-class target the bank holds, and their size key
+
+
+def fitted_targets(cfg) -> list[tuple[str, str, int]]:
+    """(energy, recipe, size) of every per-class target the config's recipes need: DMGD's K-means (K) and
+    Chamfer's references (k). Seeded by recipe and class alone, so one file serves each (recipe, size)."""
+    default = {"ot": 10, "chamfer": 32}
+    found = {(e.name, name, int(e.params.get(TARGETS[e.name], default[e.name])))
+             for name, r in cfg.recipes.items() for e in r.energies if e.name in TARGETS}
+    return sorted(found)
 
 
 def ot_seed(run_seed: int, recipe: str, label: int) -> int:
@@ -181,11 +189,16 @@ def ot_seed(run_seed: int, recipe: str, label: int) -> int:
     return shard_seed(run_seed, f"{recipe}/ot", label, 0) % 2**31
 
 
-def ot_target(feats, K: int, seed: int) -> dict:
-    """DMGD's target measure of one class: K-means support (K', D) and masses (K',), and the cost scale."""
+def fit_target(energy: str, feats, size: int, run_seed: int, recipe: str, label: int) -> dict:
+    """One class's target for a recipe's energy, from its train features: ``support``, ``masses`` and
+    ``cost_scale`` of DMGD's K-means measure (K = size), or Chamfer's k = size ``references``."""
     from factory import guidance
+    from factory.plan import shard_seed
 
-    support, masses = guidance.kmeans_support(feats, K=K, seed=seed)
+    if energy == "chamfer":
+        seed = shard_seed(run_seed, f"{recipe}/chamfer", label, 0)
+        return {"references": guidance.select_references(feats, size, seed).numpy()}
+    support, masses = guidance.kmeans_support(feats, K=size, seed=ot_seed(run_seed, recipe, label))
     return {"support": support.numpy(), "masses": masses.numpy(),
             "cost_scale": np.float64(guidance.cost_scale_from_features(feats))}
 
@@ -235,8 +248,11 @@ class ReferenceBank:
     def gauss_path(self, label: int) -> str:
         return self.path("train", label, ".gauss.npz")
 
-    def ot_path(self, recipe: str, label: int) -> str:
-        return f"{self.root}/ot/{recipe}/c{label:05d}.npz"
+    def target_folder(self, energy: str, recipe: str, size: int) -> str:
+        return f"{energy}/{recipe}/{TARGETS[energy]}{size}"
+
+    def target_path(self, energy: str, recipe: str, size: int, label: int) -> str:
+        return f"{self.root}/{self.target_folder(energy, recipe, size)}/c{label:05d}.npz"
 
     def discriminator_path(self, recipe: str, name: str = "discriminator.pt") -> str:
         return f"{self.root}/lowdensity/{recipe}/{name}"
@@ -291,9 +307,9 @@ class ReferenceBank:
         z = self._npz(self.means_path)
         return z["labels"].tolist(), z["means"]
 
-    def ot_target(self, recipe: str, label: int) -> dict:
-        """``support``, ``masses``, ``cost_scale`` of a recipe's OT target for one class (:func:`ot_target`)."""
-        return self._npz(self.ot_path(recipe, label))
+    def target(self, energy: str, recipe: str, size: int, label: int) -> dict:
+        """One class's target for a recipe's energy (:func:`fit_target`)."""
+        return self._npz(self.target_path(energy, recipe, size, label))
 
     def has_discriminator(self, recipe: str) -> bool:
         return self.fs.exists(self.discriminator_path(recipe, "done.json"))

@@ -182,12 +182,13 @@ class SyntheticProducer:
             return [c for c in self.bank.meta()["labels"] if self.info.counts["train"][c]]
         return [c for c, n in enumerate(self.info.counts["train"]) if n]
 
-    def _ot_target(self, recipe: str, label: int, K: int) -> dict:
-        from factory.bank import ot_seed, ot_target
+    def _target(self, energy: str, recipe: str, size: int, label: int) -> dict:
+        """The class's fitted target for a recipe's energy: the bank's, or fitted here standing alone."""
+        from factory.bank import fit_target
 
         if self.bank is not None:
-            return self.bank.ot_target(recipe, label)
-        return ot_target(self._class_features(label), K, ot_seed(self.cfg.seed, recipe, label))
+            return self.bank.target(energy, recipe, size, label)
+        return fit_target(energy, self._class_features(label), size, self.cfg.seed, recipe, label)
 
     def _class_means(self) -> tuple[list[int], np.ndarray]:
         """(labels, means (C, D) float64): the table Eq. 4's contrast runs over (the bank's classes)."""
@@ -221,11 +222,10 @@ class SyntheticProducer:
 
         p = dict(e.params)
         if e.name == "chamfer":
-            seed = shard_seed(self.cfg.seed, f"{recipe}/{e.name}", shard.label, 0)
-            refs = guidance.select_references(self._class_features(shard.label), int(p.pop("k", 32)), seed)
+            refs = torch.from_numpy(self._target("chamfer", recipe, int(p.pop("k", 32)), shard.label)["references"])
             return guidance.ChamferEnergy(refs.to(self.backbone.device), **p)  # where the sampler's features are
         if e.name == "ot":
-            target = self._ot_target(recipe, shard.label, int(p.pop("K", 10)))
+            target = self._target("ot", recipe, int(p.pop("K", 10)), shard.label)
             n = self._images_per_class(recipe)
             # The class's target mass is partitioned across its shards (each fills its own share), so
             # shards stay independent, parallel and resumable while the class as a whole is matched.

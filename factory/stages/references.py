@@ -2,11 +2,12 @@
 statistic guidance needs fitted once, written as the reference bank (layout and reader: :mod:`factory.bank`).
 
 Per class, in a Ray Data actor pool (GPUs when the config has them): its features, its Gaussian (mean and
-covariance) and, for each recipe with an OT energy, its K-means support and masses. Then one task gathers the
-class means table and the ridge scale, and one task per low-density recipe trains its discriminator. Sampling
-actors load only the classes they make, scoring reads the test features class by class, and nothing re-embeds
-or refits after this stage. A rerun skips every file that exists; a bank made for other data or another feature
-space is refused, not silently reused, and so is a discriminator made for another recipe, seed or backbone.
+covariance) and, for each recipe with an OT or Chamfer energy, its K-means measure or its k references. Then
+one task gathers the class means table and the ridge scale, and one task per low-density recipe trains its
+discriminator. Sampling actors load only the fitted targets of the classes they make, scoring reads the test
+features class by class, and nothing re-embeds or refits after this stage. A rerun skips every file that exists;
+a bank made for other data or another feature space is refused, not silently reused, and so is a discriminator
+whose baseline would now be sampled differently.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import numpy as np
 
 from factory.bank import (BANK, SPLITS, ClassImages, RealInfo, ReferenceBank, as_float, class_gaussian,  # noqa: F401
-                          discriminator_classes, lowdensity_recipes, ot_params, ot_seed, ot_target, real_info)
+                          discriminator_classes, fit_target, fitted_targets, lowdensity_recipes, real_info)
 
 
 def _npz(**arrays) -> bytes:
@@ -29,7 +30,7 @@ def _npz(**arrays) -> bytes:
 
 class ClassEmbedder:
     """Ray Data callable class: loads the feature model once, then writes one (split, class) a row: its features
-    and stats and, for train, its Gaussian and each OT recipe's K-means target (whichever of them is missing)."""
+    and stats and, for train, its Gaussian and each recipe's OT and Chamfer targets (whichever are missing)."""
 
     def __init__(self, config: dict, output: str, storage_options: dict | None = None):
         import torch
@@ -44,7 +45,7 @@ class ClassEmbedder:
         self.images = ClassImages(self.cfg.data.source, self.cfg.data.root)
         self.bank = ReferenceBank(output, storage_options)
         self.sink = ShardSink(output, [], storage_options)
-        self.ot = ot_params(self.cfg)
+        self.targets = fitted_targets(self.cfg)
 
     def _embed(self, split: str, label: int) -> np.ndarray:
         from factory.generate import embed
@@ -78,11 +79,11 @@ class ClassEmbedder:
                     feats = train_feats()
                     self.sink.put(self.bank.gauss_path(label), _npz(**dict(zip(("mean", "cov"),
                                                                                  class_gaussian(feats)))))
-                for recipe, K in self.ot.items():
-                    if not fs.exists(self.bank.ot_path(recipe, label)):
+                for energy, recipe, size in self.targets:
+                    path = self.bank.target_path(energy, recipe, size, label)
+                    if not fs.exists(path):
                         feats = train_feats()
-                        target = ot_target(feats, K, ot_seed(self.cfg.seed, recipe, label))
-                        self.sink.put(self.bank.ot_path(recipe, label), _npz(**target))
+                        self.sink.put(path, _npz(**fit_target(energy, feats, size, self.cfg.seed, recipe, label)))
             rows["split"].append(split)
             rows["label"].append(label)
             rows["count"].append(-1 if feats is None else len(feats))
@@ -212,13 +213,13 @@ def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], st
         if not set(labels) <= set(meta["labels"]):
             meta = None
     names = {split: bank.listing(split) for split in SPLITS}
-    ot = {recipe: bank.listing(f"ot/{recipe}") for recipe in ot_params(cfg)}
+    targets = [bank.listing(bank.target_folder(*t)) for t in fitted_targets(cfg)]
 
     def pending(split: str, c: int) -> bool:
         if f"c{c:05d}.json" not in names[split]:
             return True
         return split == "train" and (f"c{c:05d}.gauss.npz" not in names[split]
-                                     or any(f"c{c:05d}.npz" not in have for have in ot.values()))
+                                     or any(f"c{c:05d}.npz" not in have for have in targets))
 
     items = [{"split": s, "label": int(c)} for s in SPLITS for c in labels if info.counts[s][c] > 0 and pending(s, c)]
     if items:

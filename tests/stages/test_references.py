@@ -55,6 +55,7 @@ def test_a_crashed_bank_resumes_and_a_foreign_bank_is_refused(local_ray, tmp_pat
 RECIPES = {
     "dmgd": {"images_per_class": 6, "cfg_scale": 2.0, "progressive_batch": 3,
              "energies": [{"name": "ot", "weight": 0.3, "window": [0.1, 0.6], "params": {"K": 4}}]},
+    "chamfer": {"images_per_class": 6, "energies": [{"name": "chamfer", "weight": 0.5, "params": {"k": 8}}]},
     "low": {"images_per_class": 6, "energies": [{"name": "lowdensity", "normalize": "linf",
             "params": {"alpha": 0.5, "beta": 0.5, "baseline_per_class": 3}}]},
 }
@@ -70,6 +71,7 @@ def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray
     from factory import guidance
     from factory.bank import class_gaussian, ot_seed
     from factory.generate import SyntheticProducer
+    from factory.plan import shard_seed
     from factory.run import build_plan
 
     cfg = _recipe_cfg({"dmgd": RECIPES["dmgd"]})
@@ -81,7 +83,7 @@ def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray
     want_mean, want_cov = class_gaussian(feats)
     assert np.array_equal(mean, want_mean) and np.array_equal(cov, want_cov) and cov.shape == (64, 64)
     support, masses = guidance.kmeans_support(feats, K=4, seed=ot_seed(0, "dmgd", 7))
-    target = bank.ot_target("dmgd", 7)
+    target = bank.target("ot", "dmgd", 4, 7)
     assert np.array_equal(target["support"], support.numpy()) and np.array_equal(target["masses"], masses.numpy())
     labels, means = bank.class_means()
     assert labels == [2, 7] and np.allclose(means[1], want_mean)
@@ -92,6 +94,9 @@ def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray
     both = _recipe_cfg(RECIPES)
     assert build_reference_bank(both, str(tmp_path), info, [2, 7], progress=False) == meta
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())
+    refs = bank.target("chamfer", "chamfer", 8, 2)["references"]
+    want = guidance.select_references(bank.features("train", 2), 8, shard_seed(0, "chamfer/chamfer", 2, 0))
+    assert refs.shape == (8, 64) and np.array_equal(refs, want.numpy())
     done = json.loads((tmp_path / "_references" / "lowdensity" / "low" / "done.json").read_text())
     assert done["classes"] == [2, 7] and done["in_dim"] == 64
 
