@@ -1,7 +1,7 @@
 """The ``factory`` command line.
 
-    factory run CONFIG [--output URI] [--set dotted.key=value ...]
-    factory eval {parquet,webdataset,imagefolder} ROOT [--real digits] [--features cnn] [--k 5]
+    factory run CONFIG [--output URI] [--stages references,sample,score,downstream,report] [--set dotted.key=value ...]
+    factory eval {parquet,webdataset,imagefolder} ROOT [--real digits] [--features cnn] [--k 5] [--work DIR]
     factory plan CONFIG [--gpu h100] [--img-per-s R] [--price-per-gpu-hour P] [--mfu M] [--json] [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
     factory train-embedded DATASET [--out DIR] [--seed N]
@@ -22,10 +22,11 @@ from factory.config import load_config
 
 
 def _cmd_run(args) -> int:
-    from factory.run import run
+    from factory.run import parse_stages, run
 
     from factory import console
 
+    stages = parse_stages(args.stages)  # a typo fails before anything is read
     cfg = load_config(args.config, args.set)
     output = args.output or str(Path("runs") / (Path(args.config).stem + ("-rehearsal" if args.rehearse else "")))
     if args.rehearse:  # the job at full shape with tiny models and generated data; the user's --set last
@@ -36,7 +37,7 @@ def _cmd_run(args) -> int:
     log = console.start_log(output)
     t0 = time.perf_counter()
     try:
-        metrics = run(cfg, output, progress=not args.quiet, verify=args.verify)
+        metrics = run(cfg, output, progress=not args.quiet, verify=args.verify, stages=stages)
     finally:
         where = console.stop_log(log)
         if where and sys.exc_info()[0] is not None:
@@ -58,10 +59,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from factory.run import evaluate_dataset
+    from factory.stages.eval import evaluate_dataset
 
     result = evaluate_dataset(args.source, args.root, args.real, args.real_root, args.features,
-                              args.features_checkpoint, args.k)
+                              args.features_checkpoint, args.k, work=args.work, progress=not args.quiet)
     print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="show what Ray and Ray Train print (actors, workers, per-epoch reports) on the console; "
                         "factory's own log goes to <output>/factory.log either way")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the summary table")
+    p.add_argument("--stages", help="run only these stages, in run order (default all, each skipping what is "
+                                    "already made): references,sample,score,downstream,report; e.g. "
+                                    "score,report after changing eval.k")
     p.add_argument("--verify", action="store_true",
                    help="first verify every committed shard (sha256, decoding) and re-make the bad ones")
     p.add_argument("--rehearse", action="store_true",
@@ -153,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", default="cnn", help="feature space: cnn, dinov2, clip")
     p.add_argument("--features-checkpoint", default="digits")
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--work", help="folder for the real set's reference bank and the set's features "
+                                  "(default a cache folder per real set and feature space)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("plan", help="a run's shards, images, estimated GPU-hours and cost")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,7 +43,12 @@ def first_run(local_ray, tmp_path_factory):
 
 def test_layout_and_metrics(first_run):
     _, out = first_run
-    assert sorted(os.listdir(out)) == ["_references", "cfg", "factory.log", "metrics.json", "report.html", "run.json"]
+    assert sorted(os.listdir(out)) == ["_references", "_score", "_stages", "cfg", "factory.log", "metrics.json",
+                                       "report.html", "run.json"]
+    stages = {f: json.load(open(f"{out}/_stages/{f}")) for f in os.listdir(f"{out}/_stages")}
+    assert sorted(stages) == ["references.json", "report.json", "sample.json", "score.json"]  # downstream: off
+    assert stages["sample.json"]["shards"] == {"planned": 20, "made": 20, "already_complete": 0}
+    assert all(r["wall_seconds"] >= 0 for r in stages.values())
     assert sorted(os.listdir(f"{out}/_references")) == ["meta.json", "test", "train"]
     assert len(os.listdir(f"{out}/cfg/parquet")) == 20 and len(os.listdir(f"{out}/cfg/webdataset")) == 20
     metrics = json.load(open(f"{out}/metrics.json"))
@@ -88,10 +94,62 @@ def test_same_config_same_bytes(first_run):
         assert open(os.path.join(out, rel), "rb").read() == open(os.path.join(other, rel), "rb").read(), rel
 
 
+def test_stages_rescore_and_report_without_resampling(first_run, tmp_path, capsys):
+    tmp, out = first_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    before = _files(copy)
+    sample_marker = open(f"{copy}/_stages/sample.json").read()
+    config = _write(tmp, TINY)
+    assert main(["run", config, "--output", copy, "--quiet", "--stages", "score,report", "--set", "eval.k=3"]) == 0
+    assert _files(copy) == before and open(f"{copy}/_stages/sample.json").read() == sample_marker
+    metrics = json.load(open(f"{copy}/metrics.json"))
+    assert metrics["cfg"]["views"]["pooled"].endswith("k = 3")
+    assert json.load(open(f"{out}/metrics.json"))["cfg"]["views"]["pooled"].endswith("k = 5")
+    at_k5 = json.load(open(f"{out}/metrics.json"))["cfg"]
+    assert any(metrics["cfg"][key] != at_k5[key] for key in ("precision", "recall", "density", "coverage"))
+    # the report alone: rebuilt from the artifacts, the score's metrics untouched
+    os.remove(f"{copy}/report.html")
+    score = os.stat(f"{copy}/_score/metrics.json").st_mtime_ns
+    assert main(["run", config, "--output", copy, "--quiet", "--stages", "report"]) == 0
+    assert os.path.exists(f"{copy}/report.html") and os.stat(f"{copy}/_score/metrics.json").st_mtime_ns == score
+    assert json.load(open(f"{copy}/run.json"))["shards"] == json.loads(sample_marker)["shards"]
+
+
+def test_a_stage_without_its_inputs_names_the_stage_to_run(local_ray, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, TINY), "--output", str(out), "--quiet", "--stages", "score"]) == 2
+    err = capsys.readouterr().err
+    assert "score needs the sample stage's shards: run --stages sample first" in err, err[-2000:]
+    assert _shard_files(out) == []
+
+
+def test_unknown_stage_exits_2_naming_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", _write(tmp_path, TINY), "--output", str(out), "--stages", "sample,scoring"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'scoring'" in err and "references,sample,score,downstream,report" in err
+    assert not out.exists()
+
+
+def test_run_without_output_writes_runs_config_stem(local_ray, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = {**TINY, "data": {"source": "digits", "classes": ["2"]}, "sampling": {"steps": 2, "shard_size": 4},
+            "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 4}}}
+    config = _write(tmp_path, data, name="mini.yaml")
+    assert main(["run", config, "--quiet"]) == 0
+    out = tmp_path / "runs" / "mini"
+    assert json.load(open(out / "run.json"))["state"] == "complete"
+    assert json.load(open(out / "metrics.json"))["cfg"]["num_images"] == 4
+
+
 @pytest.mark.parametrize("change, message", [
     ({"sampling": {"steps": 5, "shard_size": 6, "bogus": 1}}, "unknown key sampling.'bogus'"),
     ({"data": {"source": "digits", "classes": ["3", "eleven"]}}, "unknown class 'eleven'"),
     ({"backbone": {"name": "tiny", "checkpoint": "/nonexistent/folder"}}, "no unet checkpoint"),
+    ({"features": {"name": "cnn", "checkpoint": "/nonexistent/cnn"}}, "no cnn checkpoint"),
+    ({"backbone": {"name": "sd15", "checkpoint": "./no/such/sd15"}}, "neither a local folder nor a hub id"),
+    ({"features": {"name": "dinov2", "checkpoint": "/nonexistent/dino"}}, "neither a local folder nor a hub id"),
 ])
 def test_bad_input_exits_nonzero_and_writes_nothing(local_ray, tmp_path, capsys, change, message):
     out = tmp_path / "out"
@@ -104,13 +162,33 @@ def test_factory_eval_scores_written_shards_like_the_run(first_run, capsys):
     _, out = first_run
     expected = json.load(open(f"{out}/metrics.json"))["cfg"]
     for source, folder in (("parquet", "parquet"), ("webdataset", "webdataset")):
-        assert main(["eval", source, f"{out}/cfg/{folder}"]) == 0
+        assert main(["eval", source, f"{out}/cfg/{folder}", "--work", f"{out}-eval", "--quiet"]) == 0
         got = json.loads(capsys.readouterr().out)
         assert got["num_images"] == 120
         for key in ("precision", "recall", "coverage", "fd"):
             assert got[key] == pytest.approx(expected[key], abs=1e-9), key
-    assert main(["eval", "imagefolder", f"{out}/nowhere"]) == 2
+    assert main(["eval", "imagefolder", f"{out}/nowhere", "--work", f"{out}-eval"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_factory_eval_of_an_image_folder_matches_and_names_a_bad_image(first_run, tmp_path, capsys):
+    _, out = first_run
+    folder = tmp_path / "set"
+    table = pq.read_table(f"{out}/cfg/parquet", columns=["key", "image", "class_name"])
+    for key, image, name in zip(*(table.column(c).to_pylist() for c in ("key", "image", "class_name"))):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / f"{key}.png").write_bytes(image["bytes"])
+    work = str(tmp_path / "work")
+    assert main(["eval", "imagefolder", str(folder), "--work", work, "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = json.load(open(f"{out}/metrics.json"))["cfg"]
+    assert got["num_images"] == 120 and got["precision"] == pytest.approx(expected["precision"], abs=1e-9)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9, 9), np.uint8), "L").save(folder / "3" / "odd.png")
+    assert main(["eval", "imagefolder", str(folder), "--work", work, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "odd.png is 9x9, the real set's are 8x8" in err, err[-2000:]
 
 
 def _shard_files(root):
