@@ -45,7 +45,7 @@ class Guidance:
     weight: float = 1.0
     every: int = 1  # G_freq: active on steps i with i % every == 0
     window: tuple[float, float] = (0.0, 1.0)  # active while i / steps is in [start, end]
-    normalize: str = "l2"  # none | l2 | linf | latent
+    normalize: str = "l2"  # none | l2 | linf | latent | set
     name: str = "energy"
 
     def active(self, i: int, steps: int) -> bool:
@@ -60,11 +60,15 @@ class SampleResult:
 
 
 def normalize_grad(g: torch.Tensor, how: str, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradient normalisation: l2 -> unit RMS, linf -> unit max, latent -> the norm of x_t."""
+    """Per-sample gradient normalisation: l2 -> unit RMS, linf -> unit max, latent -> the norm of x_t; or
+    set -> one scale for the batch (unit RMS over all of it), which keeps a set energy's relative step sizes:
+    a sample its energy barely moves stays nearly still instead of being scaled up to a full step."""
     if how == "none":
         return g
     flat = g.flatten(1)
     eps = 1e-12
+    if how == "set":
+        return g / (flat.norm() / flat.numel() ** 0.5 + eps)
     if how == "l2":
         scale = flat.norm(dim=1) / flat.shape[1] ** 0.5
     elif how == "linf":

@@ -122,3 +122,18 @@ def test_images_and_energy_trace_come_back_from_the_loop(backbone):
                  features=lambda x: x.flatten(1))
     assert res.images.device == backbone.device
     assert len(res.energy_trace) == 5 and all(type(r["value"]) is float for r in res.energy_trace)
+
+
+def test_normalize_grad_set_keeps_the_batch_relative_steps():
+    """``set``: one scale for the whole batch (unit RMS over all of it), so a sample a set energy barely moves
+    stays nearly still; per image (l2) would scale it up to a full step like the others."""
+    g = torch.randn(3, 1, 4, 4)
+    g[1] *= 1e-3  # a sample the energy leaves (almost) alone
+    x = torch.randn(3, 1, 4, 4)
+    s = normalize_grad(g, "set", x)
+    assert torch.allclose(s.pow(2).mean(), torch.tensor(1.0))
+    ratio = s / g  # a single scale, shared by every sample
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))
+    assert s[1].pow(2).mean() < 1e-4 * s[0].pow(2).mean()
+    assert torch.allclose(normalize_grad(g, "l2", x)[1].pow(2).mean(), torch.tensor(1.0))
+    assert torch.equal(normalize_grad(torch.zeros(2, 3), "set", x), torch.zeros(2, 3))

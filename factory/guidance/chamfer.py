@@ -10,8 +10,14 @@ features Y of the generated batch:
 
 Coverage asks every reference to have a generated sample nearby (diversity),
 fidelity asks every generated sample to be near some reference (quality).  The
-sampler takes ``-gamma * grad_{x_t} L`` on the DDIM estimate x0_hat every
-``G_freq = 5`` steps (paper defaults; those live in the sampler, not here).
+sampler takes ``-gamma * grad_{x_t} L`` on the DDIM estimate x0_hat.
+
+What the paper leaves open, and what we chose (measured on digits at 10 images per
+class, docs/science.md): the gradient's scale (one scale for the class's set,
+``normalize: set``, so the coverage term moves only the sample nearest an uncovered
+reference, and by how far it is; per image would move every sample a full step),
+the schedule (every step with a small gamma rather than G_freq = 5: the last steps
+must be guided or the unguided tail undoes the placement), and one shard = one class.
 
 Greedy/progressive batches (``frozen``): when a class is generated in several
 batches, the features of the already committed samples are passed as

@@ -7,6 +7,7 @@ from factory.guidance.chamfer import (
     select_reference_indices,
     select_references,
 )
+from factory.sampler import normalize_grad
 
 
 
@@ -80,6 +81,31 @@ def test_frozen_covering_refs_removes_coverage_pull():
     # by a frozen sample, only the near reference pulls (towards 0).
     assert gfz[0, 0] > 0 and torch.allclose(gfz, torch.tensor([[0.1, 0.0]]), atol=1e-5)
     assert not torch.allclose(gfree, gfz)
+
+
+def test_coverage_moves_only_the_nearest_sample_by_how_far_it_is():
+    """The set-level structure guidance relies on: each reference pulls only the sample nearest to it, with a
+    gradient proportional to their distance; a sample nearest to no reference gets no coverage pull."""
+    refs = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    feats = torch.tensor([[1.0, 0.0], [7.0, 0.0], [30.0, 30.0]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(ChamferEnergy(refs, fidelity_weight=0.0)(feats), feats)
+    assert torch.allclose(g, torch.tensor([[1.0, 0.0], [-3.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+
+
+def test_set_normalisation_keeps_chamfer_structure_per_image_does_not():
+    """With one scale for the batch (the sampler's ``normalize: set``, what the Chamfer recipes use) each
+    sample moves in proportion to its Chamfer gradient: the far one far, the one already on a reference
+    (nearly) not at all; per-image normalisation (``l2``) gives every sample the same step size."""
+    refs = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    feats = torch.tensor([[1.0, 0.0], [16.0, 0.0], [0.0, 0.01]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(ChamferEnergy(refs)(feats), feats)
+    raw = g.norm(dim=1)
+    assert raw[1] > 5 * raw[0] > 100 * raw[2]  # B pulls the far sample; the one on A is nearly at rest
+    step = normalize_grad(g, "set", feats).norm(dim=1)
+    assert torch.allclose(step / raw, (step / raw)[0].expand(3))  # one scale shared by the set
+    assert torch.allclose(step.pow(2).sum() / g.numel(), torch.tensor(1.0, dtype=torch.float64))
+    per_image = normalize_grad(g, "l2", feats).norm(dim=1)
+    assert torch.allclose(per_image, per_image[0].expand(3))
 
 
 def test_select_references_deterministic_subset():
