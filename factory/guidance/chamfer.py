@@ -17,7 +17,8 @@ class, docs/science.md): the gradient's scale (one scale for the class's set,
 ``normalize: set``, so the coverage term moves only the sample nearest an uncovered
 reference, and by how far it is; per image would move every sample a full step),
 the schedule (every step with a small gamma rather than G_freq = 5: the last steps
-must be guided or the unguided tail undoes the placement), and one shard = one class.
+must be guided or the unguided tail undoes the placement), the terms' balance when
+k < batch (``balance``), and one shard = one class.
 
 Greedy/progressive batches (``frozen``): when a class is generated in several
 batches, the features of the already committed samples are passed as
@@ -113,6 +114,10 @@ class ChamferEnergy:
         Reference features ``[k, D]`` (e.g. from :func:`select_references`).
     coverage_weight, fidelity_weight:
         Weights of the two terms (paper 000 uses 1 and 1).
+    balance:
+        Scale fidelity by ``min(1, k / B)`` for a batch of B: with fewer references than samples the
+        coverage term pulls only k of them while fidelity pulls all B onto the k references, which
+        collapses the set (k = 2, B = 10: coverage below plain sampling). Off = the paper's form.
 
     Calling ``energy(features, frozen=None)`` returns a differentiable scalar
     (lower is better)::
@@ -126,13 +131,17 @@ class ChamferEnergy:
     least float32 on ``features``' device; the result has that dtype.
     """
 
-    def __init__(self, refs: ArrayLike, coverage_weight: float = 1.0, fidelity_weight: float = 1.0):
+    def __init__(self, refs: ArrayLike, coverage_weight: float = 1.0, fidelity_weight: float = 1.0,
+                 balance: bool = False):
         refs = _as_tensor(refs)
         if refs.ndim != 2 or refs.shape[0] == 0:
             raise ValueError(f"refs must be a non-empty [k, D] tensor, got {tuple(refs.shape)}")
         self.refs = refs.detach()
         self.coverage_weight = float(coverage_weight)
         self.fidelity_weight = float(fidelity_weight)
+        if not isinstance(balance, bool):
+            raise ValueError(f"balance must be true or false, got {balance!r}")
+        self.balance = balance
 
     @classmethod
     def from_features(
@@ -169,13 +178,16 @@ class ChamferEnergy:
 
     def __call__(self, features: Tensor, frozen: Optional[Tensor] = None) -> Tensor:
         t = self.terms(features, frozen)
-        out = self.coverage_weight * t["coverage"] + self.fidelity_weight * t["fidelity"]
+        fidelity_weight = self.fidelity_weight
+        if self.balance:
+            fidelity_weight *= min(1.0, self.num_refs / features.shape[0])
+        out = self.coverage_weight * t["coverage"] + fidelity_weight * t["fidelity"]
         return out.to(features.dtype) if features.dtype.is_floating_point else out
 
     def __repr__(self) -> str:
         return (
             f"ChamferEnergy(k={self.num_refs}, dim={self.refs.shape[1]}, "
-            f"coverage_weight={self.coverage_weight}, fidelity_weight={self.fidelity_weight})"
+            f"coverage_weight={self.coverage_weight}, fidelity_weight={self.fidelity_weight}, balance={self.balance})"
         )
 
 

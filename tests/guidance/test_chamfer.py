@@ -108,6 +108,19 @@ def test_set_normalisation_keeps_chamfer_structure_per_image_does_not():
     assert torch.allclose(per_image, per_image[0].expand(3))
 
 
+def test_balance_scales_fidelity_by_refs_over_batch_when_fewer_refs():
+    g = torch.Generator().manual_seed(4)
+    refs = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    t = ChamferEnergy(refs).terms(feats)
+    assert torch.allclose(ChamferEnergy(refs, balance=True)(feats), t["coverage"] + 0.2 * t["fidelity"])
+    assert torch.allclose(ChamferEnergy(refs)(feats), t["coverage"] + t["fidelity"])
+    many = torch.randn(32, 3, generator=g, dtype=torch.float64)  # k >= batch: the paper's form unchanged
+    assert torch.allclose(ChamferEnergy(many, balance=True)(feats), ChamferEnergy(many)(feats))
+    with pytest.raises(ValueError, match="balance"):
+        ChamferEnergy(refs, balance="yes")
+
+
 def test_select_references_deterministic_subset():
     feats = torch.arange(100 * 3, dtype=torch.float32).reshape(100, 3)
     a = select_references(feats, 10, seed=7)
