@@ -12,6 +12,7 @@ missing names the stage that makes them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -74,7 +75,8 @@ def references_stage(cfg: Config, output: str, plan: Plan, info, sink: ShardSink
 
 def score_made_for(cfg: Config, plan: Plan) -> dict:
     """What the score stage's metrics depend on besides the shards: the eval settings, the seed and the plan."""
-    return json.loads(json.dumps({"eval": dataclasses.asdict(cfg.eval), "seed": cfg.seed, "labels": plan.labels,
+    labels = hashlib.sha256(json.dumps(plan.labels).encode()).hexdigest()[:16]  # a digest: classes may be many
+    return json.loads(json.dumps({"eval": dataclasses.asdict(cfg.eval), "seed": cfg.seed, "labels": labels,
                                   "recipes": {rp.recipe: rp.images_per_class for rp in plan.recipes}}))
 
 

@@ -81,8 +81,10 @@ def test_shards_read_back_with_stock_libraries(first_run, tmp_path):
 def test_rerun_rewrites_nothing(first_run):
     tmp, out = first_run
     before = _files(out)
+    scored = os.stat(f"{out}/_score/metrics.json").st_mtime_ns
     assert main(["run", _write(tmp, TINY), "--output", out, "--quiet"]) == 0
     assert _files(out) == before
+    assert os.stat(f"{out}/_score/metrics.json").st_mtime_ns == scored  # nothing new to score: kept
     assert json.load(open(f"{out}/run.json"))["shards"] == {"planned": 20, "made": 0, "already_complete": 20}
 
 
