@@ -703,7 +703,7 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of tiny, {', '.join(LATENT_BACKBONES)}")
     if lora:  # a Real-Fake LoRA adapter folder (factory/realfake.py), merged into the denoiser's weights
-        from factory.realfake import load_adapter
+        from factory.lora import load_adapter
 
         load_adapter(backbone.modules()["denoiser"], str(lora))
     return backbone

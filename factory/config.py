@@ -61,7 +61,7 @@ class EnergyConfig:
     weight: float = 1.0  # gamma: strength of this energy's gradient
     every: int = 1  # apply every N steps (G_freq)
     window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # active while step/steps is in [a, b]
-    normalize: str = "l2"  # none | l2 | linf | latent
+    normalize: str = "l2"  # none | l2 | linf | latent (per image) | set (one scale for the batch)
     params: dict = field(default_factory=dict)  # energy-specific (k, K, reg, alpha, beta, ...)
 
 
@@ -152,7 +152,7 @@ class Config:
 BACKBONES = ("tiny", "sd15", "sd35m", "dit-xl-2")
 FEATURE_SPACES = ("cnn", "dinov2", "clip")
 ENERGIES = ("chamfer", "ot", "lowdensity")
-NORMALIZATIONS = ("none", "l2", "linf", "latent")
+NORMALIZATIONS = ("none", "l2", "linf", "latent", "set")
 FORMATS = ("parquet", "webdataset")
 CODECS = ("png", "jpeg", "webp")
 DATA_SOURCES = ("digits", "fashion_mnist", "imagefolder", "parquet", "webdataset")

@@ -131,19 +131,46 @@ def declared_classes(cfg) -> int | None:
     return selected
 
 
+def resolve_labels(cfg, real) -> list[int]:
+    """The labels of ``data.classes`` in the real set (all of its classes without it)."""
+    if cfg.data.classes is None:
+        return list(range(real.num_classes))
+    labels = []
+    for i, name in enumerate(cfg.data.classes):
+        if name not in real.class_names:
+            from factory.config import ConfigError
+
+            raise ConfigError(
+                f"data.classes[{i}]: unknown class {name!r} for data source {cfg.data.source!r}; "
+                f"known classes: {', '.join(real.class_names)}"
+            )
+        labels.append(real.class_names.index(name))
+    return labels
+
+
+def build_plan(cfg, train) -> Plan:
+    """The run's plan from its real train split: a loaded ``RealSet`` or a ``RealInfo`` (metadata only)."""
+    labels = resolve_labels(cfg, train)
+    size = train.train_size() if hasattr(train, "train_size") else len(train.labels)
+    recipes = [
+        RecipePlan(name, images_per_class(r.scale, r.images_per_class, size, train.num_classes),
+                   cfg.sampling.shard_size)
+        for name, r in cfg.recipes.items()
+    ]
+    return Plan(recipes, labels, train.class_names, cfg.seed)
+
+
 def plan_for_config(cfg, train=None) -> Plan:
     """The shard plan of a run of ``cfg``.
 
     With ``train`` (the real train split) or when the config does not declare its sizes, this is exactly
-    the run's plan (``factory.run.build_plan``; the split is read here when not given). When it does
+    the run's plan (:func:`build_plan`; the split is read here when not given). When it does
     (:func:`declared_classes`), nothing is read: shard counts, image counts and per-class shard sizes are
     the run's, while labels are positions in ``data.classes`` (or 0..num_classes-1), which is what the run
     uses only when the real set holds exactly those classes in that order.
     """
     n = declared_classes(cfg) if train is None else None
     if n is None:
-        from factory.run import build_plan
-
         if train is None:
             from factory.data import load_real
 

@@ -57,9 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.lora import ADAPTER_FILES, load_adapter  # noqa: F401 (load_adapter: its old home)
+
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_TARGETS = r".*resnets\.\d+\.(conv1|conv2)"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MARKER = "realfake.json"
 STATE_FILE = "state.pt"
 MMD_SCALES = (0.5, 1.0, 2.0)  # bandwidths σ² as multiples of the median pairwise squared distance
@@ -134,37 +135,6 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float | None = None, targets
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _local_folder(path: str) -> str:
-    """A local folder holding the adapter at ``path`` (a folder or an fsspec URI; remote: downloaded)."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        return root
-    local = tempfile.mkdtemp(prefix="factory-lora-")
-    for name in ADAPTER_FILES:
-        fs.get_file(f"{root.rstrip('/')}/{name}", os.path.join(local, name))
-    return local
-
-
-def load_adapter(denoiser: nn.Module, path: str) -> nn.Module:
-    """Load the LoRA adapter folder (or URI) ``path`` into ``denoiser`` and merge it into the weights.
-
-    The module is changed in place (same object, same layer types, merged weights; frozen, eval mode)
-    and returned.
-    """
-    from peft import PeftModel
-
-    folder = _local_folder(path)
-    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise FileNotFoundError(f"{path}: not a LoRA adapter folder (missing {', '.join(missing)})")
-    model = PeftModel.from_pretrained(denoiser, folder, is_trainable=False)
-    merged = model.merge_and_unload()
-    return merged.eval().requires_grad_(False)
 
 
 # --- loss -----------------------------------------------------------------------------------------

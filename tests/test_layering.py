@@ -77,7 +77,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "factory.guidance.ot" in graph["factory.guidance"]  # from .ot import ...
     assert "factory.bank" in graph["factory.stages.references"]
-    assert {"factory.generate", "factory.stages.references"} <= graph["factory.run"]  # inside run()
+    assert {"factory.stages.sample", "factory.stages.references"} <= graph["factory.run"]  # inside run()
 
 
 def test_the_cycle_finder_finds_a_cycle():
