@@ -16,8 +16,8 @@ from PIL import Image
 
 from factory.config import DataConfig, DownstreamConfig
 from factory.data import load_real
-from factory.downstream import (TrainSet, build_dataset, real_dataset, resnet, scaling_config, shuffle_buffer,
-                                train_and_evaluate, train_and_evaluate_many)
+from factory.downstream import (TrainSet, build_dataset, held, held_batches, real_dataset, resnet, scaling_config,
+                                shuffle_buffer, train_and_evaluate, train_and_evaluate_many)
 from factory.shards import ShardSink
 
 # Chance is 0.1. Measured (seed 0, 2 workers): real 0.88 after epoch 1, 0.93 after the resumed epoch 2;
@@ -124,6 +124,24 @@ def test_shuffle_buffer_holds_many_one_class_shards_within_a_bound():
     assert shuffle_buffer(1350, 32, 64) == 1350  # the quickstart: the whole set, every batch mixes classes
     assert shuffle_buffer(1_281_167, 128, 256 * 256 * 3) == (256 << 20) // (256 * 256 * 3)  # capped in bytes
     assert shuffle_buffer(100, 32, 64) == 256  # never below 8 batches
+
+
+def test_a_small_split_is_held_a_large_one_streams():
+    assert held(1350, 64)  # the quickstart's 8x8 digits: read once, not once per epoch
+    assert not held(1_281_167, 256 * 256 * 3)  # ImageNet at 256 px streams every epoch
+    assert held((256 << 20) // 3072, 3072) and not held((256 << 20) // 3072 + 1, 3072)  # the bound is in bytes
+
+
+def test_held_epochs_are_seeded_permutations_in_whole_batches():
+    labels = torch.arange(10)
+    split = (labels.to(torch.uint8)[:, None, None].expand(10, 2, 2), labels)
+    epoch = list(held_batches(split, 3, seed=1))
+    assert [len(b["label"]) for b in epoch] == [3, 3, 3]  # drop_last, like the stream
+    seen = torch.cat([b["label"] for b in epoch])
+    assert len(set(seen.tolist())) == 9 and all((b["image"][:, 0, 0] == b["label"]).all() for b in epoch)
+    again = torch.cat([b["label"] for b in held_batches(split, 3, seed=1)])
+    other = torch.cat([b["label"] for b in held_batches(split, 3, seed=2)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
 
 
 def test_datasets_need_a_set_and_matching_images(local_ray, digits):
