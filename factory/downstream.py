@@ -362,7 +362,7 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             history[-1]["test_accuracy"] = accuracy(counts)
             done[name] = {"accuracy": accuracy(counts), "test_counts": counts, "epochs": epochs,
                           "history": list(history), "resumed_from": start,
-                          "train_images": spec["train_images"], "mode": spec["mode"]}
+                          "train_images": spec["train_images"], "mode": spec["mode"], "held": spec["held"]}
         # The reported metrics stay small (Ray Train logs each report): the results travel in the checkpoint.
         metrics = {"current": name, "epoch": epoch + 1, "finished": len(done)}
         if rank == 0:  # every worker reports; rank 0 alone saves the (replicated) state
@@ -512,7 +512,8 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
         trained = r["epochs"] - r["resumed_from"] if run.name in {t.name for t in todo} else 0
         out[run.name] = {
             "accuracy": float(r["accuracy"]), "test_counts": r.get("test_counts"), "epochs": int(r["epochs"]),
-            "train_images": int(r["train_images"]), "mode": r["mode"], "history": [dict(h) for h in r["history"]],
+            "train_images": int(r["train_images"]), "mode": r["mode"], "held": r.get("held"),
+            "history": [dict(h) for h in r["history"]],
             "resumed_from": int(r["resumed_from"]) if trained else int(r["epochs"]), "epochs_trained": int(trained),
         }
     return out

@@ -18,6 +18,7 @@ from factory.config import DataConfig, DownstreamConfig
 from factory.data import load_real
 from factory.downstream import (TrainSet, build_dataset, held, held_batches, real_dataset, resnet, scaling_config,
                                 shuffle_buffer, train_and_evaluate, train_and_evaluate_many)
+from factory import downstream
 from factory.shards import ShardSink
 
 # Chance is 0.1. Measured (seed 0, 2 workers): real 0.88 after epoch 1, 0.93 after the resumed epoch 2;
@@ -85,8 +86,10 @@ def real_runs(local_ray, digits, tmp_path_factory):
     the 2-CPU cluster: had they taken both CPUs, Ray Data's read tasks would wait forever (a hang here)."""
     _, _, info = digits
     storage = str(tmp_path_factory.mktemp("train_runs"))
-    runs = [train_and_evaluate(TrainSet("real", None, 0, True), DIGITS, info, _cfg(epochs), storage, seed=0)
-            for epochs in (1, 2, 2)]
+    with pytest.MonkeyPatch.context() as mp:  # these stream every epoch, as a set above HOLD_BYTES does
+        mp.setattr(downstream, "HOLD_BYTES", 0)
+        runs = [train_and_evaluate(TrainSet("real", None, 0, True), DIGITS, info, _cfg(epochs), storage, seed=0)
+                for epochs in (1, 2, 2)]
     return runs, os.path.join(storage, "real")
 
 
@@ -169,6 +172,7 @@ def test_real_splits_stream_from_parquet_and_from_ray_tasks(local_ray, digits, t
 def test_real_only_training_beats_chance(real_runs):
     (_, result, _), _ = real_runs
     assert result["mode"] == "real" and result["train_images"] == 1347 and result["epochs"] == 2
+    assert result["held"] is False  # the streamed path: a Ray Data execution per epoch
     assert result["accuracy"] > MIN_ACCURACY, result
     assert result["accuracy"] == result["history"][-1]["test_accuracy"]
     # counts per class from the streamed test split: every test image judged once
@@ -201,7 +205,7 @@ def test_synthetic_only_then_a_second_classifier_in_the_same_trainer_storage(loc
     synthetic = TrainSet("synthetic", folder, 1347, False)
     first = train_and_evaluate_many([synthetic], DIGITS, info, _cfg(1), str(tmp_path), "group")
     result = first["synthetic"]
-    assert result["mode"] == "synthetic" and result["train_images"] == 1347
+    assert result["mode"] == "synthetic" and result["train_images"] == 1347 and result["held"] is True
     assert [h["epoch"] for h in result["history"]] == [1] and result["resumed_from"] == 0
     assert result["accuracy"] > MIN_ACCURACY, result
     # a rerun that adds a classifier trains only the new one, in the same trainer's storage
