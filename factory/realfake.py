@@ -36,7 +36,7 @@ run that already reached its steps is read back without starting a worker (as fa
 The artifact is a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
 ``PeftModel.save_pretrained`` writes) plus ``realfake.json`` (the config digest, loss history), written
 last as its completion marker. A sampler loads it by path: backbone option ``lora: <folder or URI>``
-(``load_backbone``), which merges it into the denoiser's weights (:func:`load_adapter`).
+(``load_backbone``), which merges it into the denoiser's weights (``factory.lora.load_adapter``).
 
 Left out: the paper's intra-class visual-guidance token (mean CLIP image embedding appended to the text
 condition) for text backbones. The latent-prior initialisation is the recipe's ``init_strength``.
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.lora import ADAPTER_FILES, load_adapter  # noqa: F401 (load_adapter: its old home)
+from factory.lora import ADAPTER_FILES
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_TARGETS = r".*resnets\.\d+\.(conv1|conv2)"
