@@ -166,20 +166,24 @@ def real_dataset(data, split: str, info, seed: int | None = None):
                                "mode": mode, "size": size}, batch_size=1, batch_format="numpy")
 
 
+def train_size(train: TrainSet, info) -> tuple[str, int]:
+    """A classifier's set: its mode ("synthetic" | "real" | "mixed") and number of images."""
+    if not train.shards and not train.real:
+        raise ValueError(f"downstream run {train.name!r} needs synthetic shards, the real train split or both")
+    n = (int(train.shard_images) if train.shards else 0) + (int(sum(info.counts["train"])) if train.real else 0)
+    return ("mixed" if train.shards and train.real else "synthetic" if train.shards else "real"), n
+
+
 def build_dataset(train: TrainSet, data, info, seed: int = 0):
     """One classifier's training set as a lazy Ray Dataset (read and decoded while the workers train), its mode
     ("synthetic" | "real" | "mixed") and its number of images. Files come in a new seeded order every epoch;
     the workers' local shuffle buffers mix their rows (see :func:`shuffle_buffer`)."""
-    parts, n = [], 0
+    mode, n = train_size(train, info)
+    parts = []
     if train.shards:
         parts.append(_read_parquet(train.shards, info.mode, tuple(info.size), seed))
-        n += int(train.shard_images)
     if train.real:
         parts.append(real_dataset(data, "train", info, seed))
-        n += int(sum(info.counts["train"]))
-    if not parts:
-        raise ValueError(f"downstream run {train.name!r} needs synthetic shards, the real train split or both")
-    mode = "mixed" if len(parts) == 2 else ("synthetic" if train.shards else "real")
     return (parts[0].union(parts[1]) if len(parts) == 2 else parts[0]), mode, n
 
 
@@ -203,6 +207,20 @@ def scaling_config(cfg: DownstreamConfig, cluster_cpus: float):
     return ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
 
 
+def parquet_files(paths: str | list[str]) -> list[str]:
+    """Every Parquet file of ``paths`` (files or folders; any fsspec URI) as URIs, in sorted order."""
+    import fsspec
+
+    out = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        fs, path = fsspec.core.url_to_fs(p)
+        if fs.isdir(path):
+            out += [fs.unstrip_protocol(f) for f in sorted(fs.glob(f"{path.rstrip('/')}/**/*.parquet"))]
+        else:
+            out.append(p)
+    return out
+
+
 def held(n: int, image_bytes: int) -> bool:
     """Whether a worker's split of ``n`` images is read once and held for all epochs: every streamed epoch
     is a Ray Data execution (a scheduling round and read tasks: seconds each on 2 cores, more than an
@@ -214,12 +232,38 @@ def held(n: int, image_bytes: int) -> bool:
 # --- training loop (runs on every Ray Train worker) ------------------------------------------------
 
 
-def read_split(shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """A worker's whole split as uint8 images and int64 labels: one pass of its stream."""
-    images, labels = [], []
-    for batch in shard.iter_torch_batches(batch_size=1024):
-        images.append(batch["image"])
-        labels.append(batch["label"])
+def read_held(files: list[str], real: dict | None, mode: str, size: tuple[int, int], rank: int,
+              world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's held split, read straight from storage: every ``world``-th row (from ``rank``) of the Parquet
+    ``files`` in their sorted order, then of the real split ``real`` (``{"source", "root", "split"}``).
+
+    No Ray Data execution (each costs a scheduling round and task starts: 15-19 s per classifier on 2 cores,
+    more than training the quickstart's sets), and the rows come in the same order on every run, so a seeded
+    run trains the same classifier."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    images, labels, offset = [], [], 0
+    for url in files:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["image", "label"])
+        rows = list(range((rank - offset) % world, table.num_rows, world))
+        offset += table.num_rows
+        if rows:
+            part = table.take(rows)
+            batch = decode_png({"image": part.column("image").to_pylist(),
+                                "label": part.column("label").to_numpy()}, mode, size)
+            images.append(torch.from_numpy(batch["image"]))
+            labels.append(torch.from_numpy(batch["label"]))
+    if real is not None:
+        split = _whole_split(real["source"], real["root"], real["split"])
+        if split.mode != mode or split.size != tuple(size):
+            raise ValueError(f"the real {real['split']} images are {split.mode} {split.size[1]}x{split.size[0]}, "
+                             f"the set's are {mode} {size[1]}x{size[0]}")
+        idx = np.arange((rank - offset) % world, len(split.labels), world)
+        images.append(torch.from_numpy(np.ascontiguousarray(split.images[idx])))
+        labels.append(torch.from_numpy(split.labels[idx].astype(np.int64)))
     return torch.cat(images), torch.cat(labels)
 
 
@@ -247,17 +291,29 @@ def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
 
 
-def _evaluate(model: nn.Module, num_classes: int, rank: int, world: int, device: torch.device) -> dict:
-    """Test counts per class, ``{"correct": [...], "images": [...]}``: rank 0 streams the test split (every
-    worker holds the whole, unsplit set: an equal split would drop rows) and broadcasts its counts."""
+def _test_batches(config: dict, device: torch.device):
+    """The real test split in batches of 512: read straight from storage when it is small (``test_held``),
+    else streamed by Ray Data."""
     import ray.train
+
+    if config["test_held"] is None:
+        yield from ray.train.get_dataset_shard(TEST).iter_torch_batches(batch_size=512, device=device)
+        return
+    images, labels = read_held([], config["test_held"], config["image_mode"], tuple(config["size"]), 0, 1)
+    for i in range(0, len(labels), 512):
+        yield {"image": images[i:i + 512].to(device), "label": labels[i:i + 512].to(device)}
+
+
+def _evaluate(model: nn.Module, config: dict, rank: int, world: int, device: torch.device) -> dict:
+    """Test counts per class, ``{"correct": [...], "images": [...]}``: rank 0 reads the whole test split (an
+    equal split would drop rows) and broadcasts its counts."""
     import torch.distributed as dist
 
-    counts = torch.zeros(2, num_classes, dtype=torch.float64, device=device)
+    counts = torch.zeros(2, config["num_classes"], dtype=torch.float64, device=device)
     if rank == 0:
         model.eval()
         with torch.no_grad():
-            for batch in ray.train.get_dataset_shard(TEST).iter_torch_batches(batch_size=512, device=device):
+            for batch in _test_batches(config, device):
                 y = batch["label"]
                 hit = (model(to_float(batch["image"])).argmax(1) == y).double()
                 counts[0].index_add_(0, y, hit)
@@ -325,13 +381,16 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
     epochs, batch_size = config["epochs"], spec["batch_size"]
     steps = max(1, spec["train_images"] // world // batch_size)  # per epoch and worker
     pad = max(1, config["image_size"] // 8)
-    shard = ray.train.get_dataset_shard(name)
-    split = read_split(shard) if spec["held"] and start < epochs else None
+    if spec["held"]:
+        split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), rank, world) \
+            if start < epochs else None
+    else:
+        shard = ray.train.get_dataset_shard(name)
     for epoch in range(start, epochs):
         model.train()
         gen.manual_seed(config["seed"] + rank + 1000 * epoch)  # augmentation: the same on a resumed run
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
-        if split is not None:
+        if spec["held"]:
             batches = held_batches(split, batch_size, config["seed"] + 1000 * epoch + rank)
         else:
             batches = shard.iter_torch_batches(
@@ -358,7 +417,7 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             if world > 1 and dist.is_initialized():  # every worker holds rank 0's BatchNorm statistics
                 for b in net.buffers():
                     dist.broadcast(b, 0)
-            counts = _evaluate(net, config["num_classes"], rank, world, device)
+            counts = _evaluate(net, config, rank, world, device)
             history[-1]["test_accuracy"] = accuracy(counts)
             done[name] = {"accuracy": accuracy(counts), "test_counts": counts, "epochs": epochs,
                           "history": list(history), "resumed_from": start,
@@ -471,18 +530,27 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
     done = dict(before)
     if todo:
         image_bytes = int(np.prod(info.size)) * (1 if info.mode == "L" else 3)
-        datasets, specs = {TEST: real_dataset(data, "test", info)}, []
+        root = data.root if data.root is None or "://" in data.root else os.path.abspath(data.root)  # any cwd
+        test_held = held(int(sum(info.counts["test"])), image_bytes)
+        datasets, specs = {} if test_held else {TEST: real_dataset(data, "test", info)}, []
         for i, run in enumerate(todo):
-            ds, mode, n = build_dataset(run, data, info, seed + i)
+            mode, n = train_size(run, info)
             batch_size = max(2, min(cfg.batch_size, n // cfg.num_workers))  # a tiny set trains
-            datasets[run.name] = ds
-            specs.append({"name": run.name, "mode": mode, "train_images": n, "batch_size": batch_size,
-                          "shuffle_buffer": shuffle_buffer(n // cfg.num_workers, batch_size, image_bytes),
-                          "held": held(n // cfg.num_workers + 1, image_bytes)})
+            spec = {"name": run.name, "mode": mode, "train_images": n, "batch_size": batch_size,
+                    "shuffle_buffer": shuffle_buffer(n // cfg.num_workers, batch_size, image_bytes),
+                    "held": held(-(-n // cfg.num_workers), image_bytes)}
+            if spec["held"]:  # each worker reads its rows itself: no Ray Data execution (see read_held)
+                spec["files"] = parquet_files(run.shards) if run.shards else []
+                spec["real"] = {"source": data.source, "root": root, "split": "train"} if run.real else None
+            else:
+                datasets[run.name] = build_dataset(run, data, info, seed + i)[0]
+            specs.append(spec)
         config = {
             "runs": specs, "model": cfg.model, "num_classes": info.num_classes,
             "in_channels": 1 if info.mode == "L" else 3, "image_size": max(info.size), "epochs": cfg.epochs,
             "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed, "progress": None,
+            "image_mode": info.mode, "size": list(info.size),
+            "test_held": {"source": data.source, "root": root, "split": "test"} if test_held else None,
         }
         if progress:
             from ray.util.queue import Queue
@@ -499,7 +567,8 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
             datasets=datasets,
             # the test set is whole on every worker; one worker needs no split (a split's coordinator actor
             # per dataset costs a process start each: seconds on 2 cores)
-            dataset_config=DataConfig(datasets_to_split=[s["name"] for s in specs] if cfg.num_workers > 1 else []),
+            dataset_config=DataConfig(datasets_to_split=[s["name"] for s in specs if not s["held"]]
+                                      if cfg.num_workers > 1 else []),
         )
         total = sum(s["train_images"] * (cfg.epochs - before.get(s["name"], {}).get("epochs", 0)) for s in specs)
         result = _fit_with_bar(trainer, config["progress"], total, progress)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from factory.config import DataConfig, DownstreamConfig
 from factory.data import load_real
-from factory.downstream import (TrainSet, build_dataset, held, held_batches, real_dataset, resnet, scaling_config,
-                                shuffle_buffer, train_and_evaluate, train_and_evaluate_many)
+from factory.downstream import (TrainSet, build_dataset, held, held_batches, parquet_files, read_held, real_dataset,
+                                resnet, scaling_config, shuffle_buffer, train_and_evaluate, train_and_evaluate_many)
 from factory import downstream
 from factory.shards import ShardSink
 
@@ -145,6 +145,28 @@ def test_held_epochs_are_seeded_permutations_in_whole_batches():
     again = torch.cat([b["label"] for b in held_batches(split, 3, seed=1)])
     other = torch.cat([b["label"] for b in held_batches(split, 3, seed=2)])
     assert torch.equal(seen, again) and not torch.equal(seen, other)
+
+
+def test_a_held_split_is_read_by_each_worker_in_a_fixed_order(digits, shards):
+    train, _, _ = digits
+    folder, files = shards
+    assert parquet_files(folder) == files == sorted(files) and parquet_files(files[:2]) == files[:2]
+    whole = read_held(files, None, "L", (8, 8), 0, 1)
+    assert whole[0].dtype == torch.uint8 and whole[0].shape == (1347, 8, 8)
+    assert torch.equal(torch.bincount(whole[1]), torch.from_numpy(np.bincount(train.labels)))
+    # two workers: every row once, alternating across file boundaries; the same rows on every call
+    parts = [read_held(files, None, "L", (8, 8), r, 2) for r in (0, 1)]
+    assert [len(p[1]) for p in parts] == [674, 673]
+    assert torch.equal(parts[0][0], whole[0][0::2]) and torch.equal(parts[1][1], whole[1][1::2])
+    again = read_held(files, None, "L", (8, 8), 1, 2)
+    assert torch.equal(again[0], parts[1][0]) and torch.equal(again[1], parts[1][1])
+    # mixed: the real train split follows the shards, continuing the alternation
+    real = {"source": "digits", "root": None, "split": "train"}
+    mixed = [read_held(files, real, "L", (8, 8), r, 2) for r in (0, 1)]
+    assert sum(len(m[1]) for m in mixed) == 2 * 1347
+    assert torch.equal(mixed[1][0][673:], torch.from_numpy(train.images[0::2]))
+    with pytest.raises(ValueError, match="the real train images are L 8x8, the set's are RGB 8x8"):
+        read_held([], real, "RGB", (8, 8), 0, 1)
 
 
 def test_datasets_need_a_set_and_matching_images(local_ray, digits):
