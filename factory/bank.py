@@ -177,8 +177,7 @@ TARGETS = {"ot": "K", "chamfer": "k"}  # the energies whose per-class target the
 def fitted_targets(cfg) -> list[tuple[str, str, int]]:
     """(energy, recipe, size) of every per-class target the config's recipes need: DMGD's K-means (K) and
     Chamfer's references (k). Seeded by recipe and class alone, so one file serves each (recipe, size)."""
-    default = {"ot": 10, "chamfer": 32}
-    found = {(e.name, name, int(e.params.get(TARGETS[e.name], default[e.name])))
+    found = {(e.name, name, getattr(e.params, TARGETS[e.name]))
              for name, r in cfg.recipes.items() for e in r.energies if e.name in TARGETS}
     return sorted(found)
 
@@ -206,7 +205,7 @@ def fit_target(energy: str, feats, size: int, run_seed: int, recipe: str, label:
 def lowdensity_recipes(cfg) -> list[str]:
     """The recipes whose low-density energy has a discriminator term (beta > 0)."""
     return [name for name, r in cfg.recipes.items() for e in r.energies
-            if e.name == "lowdensity" and float(e.params.get("beta", 0.0)) > 0]
+            if e.name == "lowdensity" and e.params.beta > 0]
 
 
 def discriminator_classes(labels: list[int], seed: int, recipe: str) -> list[int]:

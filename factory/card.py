@@ -116,10 +116,10 @@ def card_body(cfg: Config, recipe: str, plan: Plan, metrics: dict, prov: dict) -
     rp = next(x for x in plan.recipes if x.recipe == recipe)
     classes = [plan.class_names[i] for i in plan.labels]
     guidance = [f"`{e.name}` (weight {e.weight:g}, every {e.every} step(s), window {list(e.window)}, normalize "
-                f"{e.normalize}{', ' + json.dumps(e.params, sort_keys=True) if e.params else ''})" for e in r.energies]
+                f"{e.normalize}, {json.dumps(e.params.model_dump(), sort_keys=True)})" for e in r.energies]
     extras = []
     if r.soft_labels is not None:
-        extras.append(f"DMGD soft labels {json.dumps(r.soft_labels, sort_keys=True)}")
+        extras.append(f"DMGD soft labels {json.dumps(r.soft_labels.model_dump(), sort_keys=True)}")
     if r.progressive_batch:
         extras.append(f"greedy progressive matching in sub-batches of {r.progressive_batch}")
     if r.init_strength < 1.0:

@@ -1,300 +1,456 @@
-"""Run configuration: plain dataclasses loaded from YAML and validated before any work starts.
+"""Run configuration: pydantic models loaded from YAML and validated before any work starts.
 
-Every error names the offending key by its dotted path (``recipes.chamfer.energies[0].k``) and says what
+Every section forbids unknown keys; choices are ``Literal``s, bounds are ``Field`` constraints, and each
+energy's ``params`` (and each backbone's or feature space's ``options``) are typed by its ``name``. Every
+error names the offending key by its dotted path (``recipes.chamfer.energies[0].params.k``) and says what
 was expected. ``--set dotted.key=value`` overrides are applied to the raw YAML data before validation,
 with values parsed as YAML scalars (``--set sampling.steps=10``, ``--set executor.num_actors=[1,4]``).
+Models are strict (no ``"3"`` for an int, no ``1`` for a bool), except that a float field also takes a
+number written as a string, as PyYAML reads ``1e-4``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo,
+    field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the problem."""
 
 
-@dataclass
-class DataConfig:
-    source: str = "digits"  # digits | fashion_mnist | imagefolder | parquet | webdataset
+def _number(value):
+    """A float field's input: a number written as a string (PyYAML reads ``1e-4`` as one) becomes the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Backbone = Literal["tiny", "sd15", "sd35m", "dit-xl-2"]
+FeatureSpace = Literal["cnn", "dinov2", "clip"]
+Normalization = Literal["none", "l2", "linf", "latent", "set"]  # per image, or "set": one scale for the batch
+Format = Literal["parquet", "webdataset"]
+Codec = Literal["png", "jpeg", "webp"]
+DataSource = Literal["digits", "fashion_mnist", "imagefolder", "parquet", "webdataset"]
+Resnet = Literal["resnet18", "resnet34", "resnet50"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+BACKBONES, FEATURE_SPACES = get_args(Backbone), get_args(FeatureSpace)
+ENERGIES = ("chamfer", "ot", "lowdensity")
+NORMALIZATIONS, FORMATS, CODECS = get_args(Normalization), get_args(Format), get_args(Codec)
+DATA_SOURCES, RESNETS = get_args(DataSource), get_args(Resnet)
+
+
+def _error(message: str, at: str = "") -> PydanticCustomError:
+    """A validator's error about the key ``at`` below the one it validates."""
+    return PydanticCustomError("config", "{message}", {"message": message, "at": at})
+
+
+class Section(BaseModel):
+    """A mapping of the config: strict types, unknown keys rejected with the allowed ones named."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):
+        if isinstance(data, dict):
+            unknown = sorted(map(str, set(data) - set(cls.model_fields)))
+            if unknown:
+                raise PydanticCustomError("unknown_key", "unknown key(s) {keys}", {
+                    "keys": unknown, "allowed": ", ".join(sorted(cls.model_fields)) or "none"})
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backbone and feature-space options: checked here, handed to the loaders (factory/backbones.py) as a dict
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _resolution(value):
+    if value is None or _positive_int(value) or (isinstance(value, list) and len(value) == 2
+                                                 and all(map(_positive_int, value))):
+        return value
+    raise ValueError(f"expected a positive integer or [height, width], got {value!r}")
+
+
+def _checkpointing(value):
+    parts = ("decoder", "denoiser")
+    if value is None or isinstance(value, bool) or value in parts or (
+            isinstance(value, list) and all(v in parts for v in value)):
+        return value
+    raise ValueError(f"expected true, false, or one or a list of {', '.join(parts)}, got {value!r}")
+
+
+class TinyOptions(Section):
+    lora: str | None = None  # a peft LoRA adapter (folder or URI) merged into the denoiser at load
+    mode: Literal["L", "RGB"] | None = None  # ignored: the tiny UNet works in the real set's channels
+
+
+class LatentOptions(TinyOptions):
+    device: str | None = None  # default cuda when available
+    dtype: Dtype | None = None  # default bf16 on GPU, fp32 on CPU
+    resolution: Annotated[int | list[int] | None, PlainValidator(_resolution)] = None
+    gradient_checkpointing: Annotated[bool | str | list[str] | None, PlainValidator(_checkpointing)] = False
+    guidance_decoder: Literal["vae", "tiny"] = "vae"  # the decoder on the guidance path
+    tiny_vae: str | None = None  # an AutoencoderTiny, for guidance_decoder tiny
+    scheduler: Literal["ddim", "native"] = "ddim"
+    variant: str | None = None
+    class_names: list[str] | None = None
+
+
+class SD15Options(LatentOptions):
+    prompt_template: str = "a photo of a {class_name}"
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{class_name}" not in v:
+            raise ValueError(f"must contain '{{class_name}}', got {v!r}")
+        return v
+
+
+class SD35Options(SD15Options):
+    scheduler: Literal["native"] = "native"  # its flow-matching scheduler
+    max_sequence_length: int = Field(256, ge=1)  # T5 tokens
+    use_t5: bool | None = None  # default: when the checkpoint has it
+
+
+class DiTOptions(LatentOptions):
+    class_ids: list[Annotated[int, Field(ge=0)]] | None = None  # ImageNet id of each class
+
+
+class NoOptions(Section):
+    pass
+
+
+class FeatureOptions(Section):
+    device: str | None = None
+    dtype: Dtype | None = None
+    gradient_checkpointing: bool = False
+    image_size: int | None = Field(None, ge=1)  # default the checkpoint's crop size
+    variant: str | None = None
+
+
+OPTIONS = {"tiny": TinyOptions, "sd15": SD15Options, "sd35m": SD35Options, "dit-xl-2": DiTOptions,
+           "cnn": NoOptions, "dinov2": FeatureOptions, "clip": FeatureOptions}
+
+
+class ModelConfig(Section):
+    """A denoiser backbone: a kind, where its weights come from (packaged name, local folder or hub id) and
+    its loader's options, checked against the kind's and kept as a dict of the keys given."""
+
+    name: Backbone = "tiny"
+    checkpoint: str = "digits"
+    options: dict = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict, info: ValidationInfo) -> dict:
+        if "name" not in info.data:  # the name's own error says it
+            return v
+        return OPTIONS[info.data["name"]].model_validate(v).model_dump(exclude_unset=True)
+
+
+class FeaturesConfig(ModelConfig):
+    """The feature space used for guidance and evaluation."""
+
+    name: FeatureSpace = "cnn"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data, sampling and guidance
+
+class DataConfig(Section):
+    source: DataSource = "digits"
     root: str | None = None  # folder or URI for imagefolder / parquet / webdataset
     classes: list[str] | None = None  # class names to produce; None = all
     # Declared sizes of the real set, for planning only: with them `factory plan` sizes a run without reading
     # the data (an ImageNet train split need not be read to plan a run). A run counts what it reads.
-    num_classes: int | None = None  # classes of the real set (all of them, not only data.classes)
-    train_size: int | None = None  # images in its train split (what a recipe's scale multiplies)
-    image_size: int | None = None  # side of its (square) images in px: the storage estimate's resolution
+    num_classes: int | None = Field(None, ge=1)  # classes of the real set (all of them, not only data.classes)
+    train_size: int | None = Field(None, ge=1)  # images in its train split (what a recipe's scale multiplies)
+    image_size: int | None = Field(None, ge=1)  # side of its (square) images in px: the storage estimate's
+
+    @model_validator(mode="after")
+    def _classes_fit(self):
+        if self.classes is not None and self.num_classes is not None and len(self.classes) > self.num_classes:
+            raise _error(f"{len(self.classes)} classes listed, more than data.num_classes = {self.num_classes}",
+                         "classes")
+        return self
 
 
-@dataclass
-class ModelConfig:
-    """A denoiser backbone or a feature space: a kind and where its weights come from."""
-
-    name: str = "tiny"
-    checkpoint: str = "digits"  # packaged name, local folder or hub id
-    options: dict = field(default_factory=dict)  # loader-specific (dtype, prompt template, adapter, ...)
+class SamplingConfig(Section):
+    steps: int = Field(25, ge=1)
+    shard_size: int = Field(135, ge=1)  # images per shard: one shard is one sampling batch of one class
+    eta: Float = Field(0.0, ge=0)  # DDIM eta; 0 = deterministic given the initial noise
 
 
-@dataclass
-class FeaturesConfig(ModelConfig):
-    """The feature space used for guidance and evaluation."""
-
-    name: str = "cnn"
-
-
-@dataclass
-class SamplingConfig:
-    steps: int = 25
-    shard_size: int = 135  # images per shard: one shard is one sampling batch of one class
-    eta: float = 0.0  # DDIM eta; 0 = deterministic given the initial noise
+def _window(v: list[float]) -> list[float]:
+    if len(v) != 2 or not 0.0 <= v[0] <= v[1] <= 1.0:
+        raise ValueError(f"expected [start, end] fractions with 0 <= start <= end <= 1, got {v}")
+    return v
 
 
-@dataclass
-class EnergyConfig:
-    name: str  # chamfer | ot | lowdensity
-    weight: float = 1.0  # gamma: strength of this energy's gradient
-    every: int = 1  # apply every N steps (G_freq)
-    window: list[float] = field(default_factory=lambda: [0.0, 1.0])  # active while step/steps is in [a, b]
-    normalize: str = "l2"  # none | l2 | linf | latent (per image) | set (one scale for the batch)
-    params: dict = field(default_factory=dict)  # energy-specific (k, K, reg, alpha, beta, ...)
+class EnergyConfig(Section):
+    """What every energy has; ``name`` picks the subclass, ``params`` its energy's own (factory/guidance)."""
+
+    weight: Float = Field(1.0, ge=0)  # gamma: strength of this energy's gradient
+    every: int = Field(1, ge=1)  # apply every N steps (G_freq)
+    # active on step i of n while i / n is in [start, end]
+    window: Annotated[list[Float], AfterValidator(_window)] = Field(default_factory=lambda: [0.0, 1.0])
+    normalize: Normalization = "l2"
 
 
-@dataclass
-class FinetuneConfig:
+class ChamferParams(Section):
+    k: int = Field(32, ge=1)  # real references per class
+    coverage_weight: Float = Field(1.0, ge=0)
+    fidelity_weight: Float = Field(1.0, ge=0)
+    balance: bool = False  # fidelity x min(1, k / batch)
+
+
+def _cost_scale(value):
+    value = _number(value)
+    if value is None or value in ("mean", "max"):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ValueError(f"expected a positive number, 'mean' or 'max', got {value!r}")
+
+
+class OTParams(Section):
+    K: int = Field(10, ge=1)  # K-means support points per class
+    reg: Float = Field(0.1, gt=0)  # Sinkhorn epsilon, relative to the normalised cost
+    num_iter: int = Field(5, ge=1)  # Sinkhorn iterations
+    cost_scale: Annotated[float | str | None, PlainValidator(_cost_scale)] = None  # None: the class target's
+    stop_thr: Float = Field(1e-12, ge=0)
+    method: Literal["sinkhorn", "sinkhorn_log"] = "sinkhorn"
+    plan_grad: Literal["autodiff", "envelope"] = "autodiff"
+
+
+class LowDensityParams(Section):
+    alpha: Float = Field(0.5, ge=0)  # hardness term
+    beta: Float = Field(0.0, ge=0)  # discriminator term; > 0 trains a discriminator per recipe
+    tau: Float = Field(1.0, gt=0)
+    disc_tau: Float = Field(1.0, gt=0)
+    identity_precision: bool = True  # False: each class's full covariance
+    baseline_per_class: int = Field(64, ge=1)  # CFG samples per class the discriminator is trained against
+
+
+class ChamferConfig(EnergyConfig):
+    name: Literal["chamfer"]
+    params: ChamferParams = Field(default_factory=ChamferParams)
+
+
+class OTConfig(EnergyConfig):
+    name: Literal["ot"]
+    params: OTParams = Field(default_factory=OTParams)
+
+
+class LowDensityConfig(EnergyConfig):
+    name: Literal["lowdensity"]
+    params: LowDensityParams = Field(default_factory=LowDensityParams)
+
+
+Energy = Annotated[Union[ChamferConfig, OTConfig, LowDensityConfig], Field(discriminator="name")]
+
+
+class SoftLabelsConfig(Section):
+    """DMGD's dynamic soft labels (factory/guidance/softlabel.py); ``{}`` = the paper's."""
+
+    explore_from: Float = Field(0.9, ge=0, le=1)  # random exploration while t_frac >= this
+    refine_until: Float = Field(0.5, ge=0, le=1)  # the class's own embedding while t_frac <= this
+    beta_s: Float = Field(0.01, ge=0)
+    beta_n: Float = Field(0.06, ge=0)
+    schedule: Literal["linear", "cosine"] = "linear"
+    baseline: Literal["zero", "unconditional"] = "zero"  # what the diffused label decays to
+
+    @model_validator(mode="after")
+    def _stages(self):
+        if not self.refine_until < self.explore_from:
+            raise _error(f"must be below explore_from ({self.explore_from}), got {self.refine_until}", "refine_until")
+        return self
+
+
+class FinetuneConfig(Section):
     """Real-Fake (paper 002): LoRA fine-tuning of the denoiser on the train split, on Ray Train, before a
     recipe's shards are made; loss L_simple + mmd_weight * L_MMD (Eq. 21). See factory/realfake.py."""
 
-    rank: int = 4  # LoRA rank
-    alpha: float | None = None  # LoRA alpha; None = rank (scale 1)
+    rank: int = Field(4, ge=1)  # LoRA rank
+    alpha: Float | None = Field(None, gt=0)  # LoRA alpha; None = rank (scale 1)
     target_modules: list[str] | None = None  # None = the attention projections (the ResNet convs if none)
-    mmd_weight: float = 0.05  # gamma
-    steps: int = 200  # optimizer steps
-    lr: float = 1e-4
-    batch_size: int = 32  # images per worker and step
-    p_uncond: float = 0.1  # condition dropped to the null condition, so CFG keeps working
-    num_workers: int = 2  # Ray Train workers
+    mmd_weight: Float = Field(0.05, ge=0)  # gamma
+    steps: int = Field(200, ge=1)  # optimizer steps
+    lr: Float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=2)  # images per worker and step; the MMD compares sets
+    p_uncond: Float = Field(0.1, ge=0, lt=1)  # condition dropped to the null condition, so CFG keeps working
+    num_workers: int = Field(2, ge=1)  # Ray Train workers
     use_gpu: bool = False
-    checkpoint_every: int = 50  # steps between Ray Train checkpoints (resume points)
+    checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints (resume points)
 
 
-@dataclass
-class RecipeConfig:
-    cfg_scale: float = 2.0  # omega >= 1; 1.0 = CFG-free (no unconditional pass); < 1 is rejected
-    scale: float = 1.0  # images per class = ceil(scale * train size / classes)
-    images_per_class: int | None = None  # overrides scale when set
-    energies: list[EnergyConfig] = field(default_factory=list)
-    soft_labels: dict | None = None  # DMGD dynamic soft labels; {} = the paper's defaults
-    progressive_batch: int = 0  # greedy progressive matching: sub-batch size within a shard; 0 = off
-    init_strength: float = 1.0  # < 1: latent prior, a real train image of the class noised to this strength
-    grad_through: str = "model"  # model | x0: backpropagate through the denoiser, or x̂₀ only
+class RecipeConfig(Section):
+    cfg_scale: Float = 2.0  # omega >= 1; 1.0 = CFG-free (no unconditional pass)
+    scale: Float = Field(1.0, gt=0)  # images per class = ceil(scale * train size / classes)
+    images_per_class: int | None = Field(None, ge=1)  # overrides scale when set
+    energies: list[Energy] = Field(default_factory=list)
+    soft_labels: SoftLabelsConfig | None = None  # DMGD dynamic soft labels; None = off
+    progressive_batch: int = Field(0, ge=0)  # greedy progressive matching: sub-batch size within a shard; 0 = off
+    init_strength: Float = Field(1.0, gt=0, le=1)  # < 1: latent prior, a real train image noised to this strength
+    grad_through: Literal["model", "x0"] = "model"  # backpropagate through the denoiser, or x̂₀ only
     finetune: FinetuneConfig | None = None  # Real-Fake LoRA fine-tuning before sampling; None = off
 
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg_scale(cls, v: float) -> float:
+        # below 1 the CFG formula u + w (c - u) extrapolates away from the class, where diffusers' pipelines
+        # read any w <= 1 as "no CFG": rejected rather than silently meaning either
+        if v < 1.0:
+            raise ValueError("must be >= 1.0 (1.0 = no CFG; a scale below 1 would extrapolate away from the "
+                             f"class, not disable CFG), got {v}")
+        return v
 
-@dataclass
-class ExecutorConfig:
-    num_actors: list[int] = field(default_factory=lambda: [1, 2])  # actor pool (min, max)
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor
-    torch_threads: int = 1  # per actor; fixed so a shard's bytes do not depend on the host
+
+# ---------------------------------------------------------------------------------------------------------------
+# execution, output, evaluation
+
+def _actors(v: list[int]) -> list[int]:
+    if len(v) != 2 or not 1 <= v[0] <= v[1]:
+        raise ValueError(f"expected [min, max] with 1 <= min <= max, got {v}")
+    return v
+
+
+class ExecutorConfig(Section):
+    num_actors: Annotated[list[int], AfterValidator(_actors)] = Field(default_factory=lambda: [1, 2])  # [min, max]
+    num_cpus: Float = Field(1.0, ge=0)  # per actor
+    num_gpus: Float = Field(0.0, ge=0)  # per actor
+    torch_threads: int = Field(1, ge=1)  # per actor; fixed so a shard's bytes do not depend on the host
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
 
 
-@dataclass
-class OutputConfig:
-    formats: list[str] = field(default_factory=lambda: ["parquet", "webdataset"])
-    codec: str = "png"  # png | jpeg | webp: how each image is encoded
-    quality: int = 90  # 1-100, for jpeg and webp (png is lossless and ignores it)
+class OutputConfig(Section):
+    formats: list[Format] = Field(default_factory=lambda: ["parquet", "webdataset"])
+    codec: Codec = "png"  # how each image is encoded
+    quality: int = Field(90, ge=1, le=100)  # for jpeg and webp (png is lossless and ignores it)
+
+    @field_validator("formats")
+    @classmethod
+    def _some(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one format is needed")
+        return v
 
 
-@dataclass
-class EvalConfig:
-    k: int = 5  # PRDC neighbourhood size
+class EvalConfig(Section):
+    k: int = Field(5, ge=1)  # PRDC neighbourhood size
 
 
-@dataclass
-class DownstreamConfig:
+class DownstreamConfig(Section):
     """Downstream classifier training on Ray Train, evaluated on the real test split."""
 
     enabled: bool = False
-    model: str = "resnet18"  # a torchvision ResNet
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    num_workers: int = 2  # Ray Train workers
+    model: Resnet = "resnet18"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: Float = Field(0.05, gt=0)
+    num_workers: int = Field(2, ge=1)  # Ray Train workers
     use_gpu: bool = False
-    train_on: list[str] = field(default_factory=lambda: ["synthetic"])  # synthetic | real | mixed
+    train_on: list[Literal["synthetic", "real", "mixed"]] = Field(default_factory=lambda: ["synthetic"])
 
 
-@dataclass
-class Config:
+class Config(Section):
     name: str = "run"
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: ModelConfig = field(default_factory=ModelConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
-    recipes: dict[str, RecipeConfig] = field(default_factory=lambda: {"cfg": RecipeConfig()})
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: ModelConfig = Field(default_factory=ModelConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    recipes: dict[str, RecipeConfig] = Field(default_factory=lambda: {"cfg": RecipeConfig()})
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _names_as_strings(cls, v):
+        return {str(k): r for k, r in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("recipes")
+    @classmethod
+    def _recipe_names(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("at least one recipe is needed")
+        for name in v:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise _error("recipe names may hold letters, digits, '-' and '_' only", name)
+        return v
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-BACKBONES = ("tiny", "sd15", "sd35m", "dit-xl-2")
-FEATURE_SPACES = ("cnn", "dinov2", "clip")
-ENERGIES = ("chamfer", "ot", "lowdensity")
-NORMALIZATIONS = ("none", "l2", "linf", "latent", "set")
-FORMATS = ("parquet", "webdataset")
-CODECS = ("png", "jpeg", "webp")
-DATA_SOURCES = ("digits", "fashion_mnist", "imagefolder", "parquet", "webdataset")
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a finite number", "finite_number": "a finite number",
+             "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+             "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _convert(value, tp, path: str):
-    """Check ``value`` against the type annotation ``tp`` and build dataclasses; raise ConfigError."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(value).__name__} {value!r}")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - names)
-        if unknown:
-            where = f"{path}." if path else ""
-            raise ConfigError(f"unknown key {where}{unknown[0]!r}; allowed keys: {', '.join(sorted(names))}")
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = _convert(value[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}: missing required key {f.name!r}")
-        return tp(**kwargs)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+def _path(loc: tuple) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i >= 2 and loc[i - 2] == "energies" and isinstance(loc[i - 1], int):
+            continue  # the energy union's tag (its name)
+        else:
+            out += f".{part}" if out else str(part)
+    return out
 
 
-def _one_of(value, allowed, path):
-    if value not in allowed:
-        raise ConfigError(f"{path}: unknown value {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _check(cfg: Config) -> None:
-    _one_of(cfg.data.source, DATA_SOURCES, "data.source")
-    _one_of(cfg.backbone.name, BACKBONES, "backbone.name")
-    _one_of(cfg.features.name, FEATURE_SPACES, "features.name")
-    for key in ("num_classes", "train_size", "image_size"):
-        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
-            raise ConfigError(f"data.{key}: must be >= 1, got {getattr(cfg.data, key)}")
-    if cfg.data.classes is not None and cfg.data.num_classes is not None and len(cfg.data.classes) > cfg.data.num_classes:
-        raise ConfigError(f"data.classes: {len(cfg.data.classes)} classes listed, more than "
-                          f"data.num_classes = {cfg.data.num_classes}")
-    if cfg.sampling.steps < 1:
-        raise ConfigError(f"sampling.steps: must be >= 1, got {cfg.sampling.steps}")
-    if cfg.sampling.shard_size < 1:
-        raise ConfigError(f"sampling.shard_size: must be >= 1, got {cfg.sampling.shard_size}")
-    lo_hi = cfg.executor.num_actors
-    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
-        raise ConfigError(f"executor.num_actors: expected [min, max] with 1 <= min <= max, got {lo_hi}")
-    if cfg.executor.torch_threads < 1:
-        raise ConfigError("executor.torch_threads: must be >= 1")
-    if not cfg.output.formats:
-        raise ConfigError("output.formats: at least one format is needed")
-    for i, f in enumerate(cfg.output.formats):
-        _one_of(f, FORMATS, f"output.formats[{i}]")
-    _one_of(cfg.output.codec, CODECS, "output.codec")
-    if not 1 <= cfg.output.quality <= 100:
-        raise ConfigError(f"output.quality: must be in 1..100, got {cfg.output.quality}")
-    for i, mode in enumerate(cfg.downstream.train_on):
-        _one_of(mode, ("synthetic", "real", "mixed"), f"downstream.train_on[{i}]")
-    if cfg.downstream.epochs < 1 or cfg.downstream.num_workers < 1 or cfg.downstream.batch_size < 1:
-        raise ConfigError("downstream: epochs, batch_size and num_workers must be >= 1")
-    if cfg.eval.k < 1:
-        raise ConfigError("eval.k: must be >= 1")
-    if not cfg.recipes:
-        raise ConfigError("recipes: at least one recipe is needed")
-    for rname, r in cfg.recipes.items():
-        p = f"recipes.{rname}"
-        if not rname.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{p}: recipe names may hold letters, digits, '-' and '_' only")
-        if r.cfg_scale < 1.0:
-            # below 1 the CFG formula u + w (c - u) extrapolates away from the class, where diffusers'
-            # pipelines read any w <= 1 as "no CFG": rejected rather than silently meaning either
-            raise ConfigError(f"{p}.cfg_scale: must be >= 1.0 (1.0 = no CFG; a scale below 1 would "
-                              f"extrapolate away from the class, not disable CFG), got {r.cfg_scale}")
-        if r.scale <= 0:
-            raise ConfigError(f"{p}.scale: must be > 0, got {r.scale}")
-        if r.images_per_class is not None and r.images_per_class < 1:
-            raise ConfigError(f"{p}.images_per_class: must be >= 1")
-        if r.progressive_batch < 0:
-            raise ConfigError(f"{p}.progressive_batch: must be >= 0 (0 = off)")
-        if not 0.0 < r.init_strength <= 1.0:
-            raise ConfigError(f"{p}.init_strength: must be in (0, 1], got {r.init_strength}")
-        _one_of(r.grad_through, ("model", "x0"), f"{p}.grad_through")
-        ft = r.finetune
-        if ft is not None:
-            for key in ("rank", "steps", "num_workers", "checkpoint_every"):
-                if getattr(ft, key) < 1:
-                    raise ConfigError(f"{p}.finetune.{key}: must be >= 1, got {getattr(ft, key)}")
-            if ft.batch_size < 2:
-                raise ConfigError(f"{p}.finetune.batch_size: must be >= 2 (the MMD compares sets), got {ft.batch_size}")
-            if ft.lr <= 0 or ft.mmd_weight < 0 or not 0.0 <= ft.p_uncond < 1.0:
-                raise ConfigError(f"{p}.finetune: lr must be > 0, mmd_weight >= 0 and p_uncond in [0, 1)")
-        if r.soft_labels is not None:
-            allowed = {"explore_from", "refine_until", "beta_s", "beta_n", "schedule", "baseline"}
-            for k in r.soft_labels:
-                if k not in allowed:
-                    raise ConfigError(f"unknown key {p}.soft_labels.{k!r}; allowed keys: {', '.join(sorted(allowed))}")
-            if "baseline" in r.soft_labels:
-                _one_of(r.soft_labels["baseline"], ("zero", "unconditional"), f"{p}.soft_labels.baseline")
-        for i, e in enumerate(r.energies):
-            ep = f"{p}.energies[{i}]"
-            _one_of(e.name, ENERGIES, f"{ep}.name")
-            _one_of(e.normalize, NORMALIZATIONS, f"{ep}.normalize")
-            if e.every < 1:
-                raise ConfigError(f"{ep}.every: must be >= 1")
-            if len(e.window) != 2 or not 0.0 <= e.window[0] <= e.window[1] <= 1.0:
-                raise ConfigError(f"{ep}.window: expected [start, end] fractions with 0 <= start <= end <= 1")
+def _message(err: dict) -> str:
+    """One pydantic error as ``dotted.path: what is wrong``."""
+    path, kind, ctx, got = _path(err["loc"]), err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "unknown_key":
+        keys = ", ".join(f"{path + '.' if path else ''}{key!r}" for key in ctx["keys"])
+        return f"unknown key{'s' if len(ctx['keys']) > 1 else ''} {keys}; allowed keys: {ctx['allowed']}"
+    if kind == "config":
+        path = ".".join(p for p in (path, ctx["at"]) if p)
+        return f"{path}: {ctx['message']}"
+    if kind == "missing":
+        *parent, key = err["loc"]
+        return f"{_path(tuple(parent)) or 'config'}: missing required key {key!r}"
+    if kind == "union_tag_not_found":
+        return f"{path}: missing required key {ctx['discriminator']}"
+    if kind == "union_tag_invalid":
+        return (f"{path}.{ctx['discriminator'].strip(chr(39))}: unknown value {ctx['tag']!r}; "
+                f"expected one of {ctx['expected_tags']}")
+    if kind == "literal_error":
+        return f"{path}: unknown value {got!r}; expected one of {ctx['expected']}"
+    if kind in _BOUNDS:
+        (bound,) = ctx.values()
+        return f"{path}: must be {_BOUNDS[kind]} {bound}, got {got!r}"
+    if kind in _EXPECTED:
+        return f"{path or 'config'}: expected {_EXPECTED[kind]}, got {got!r}"
+    if kind == "value_error":
+        return f"{path}: {ctx['error']}"
+    return f"{path}: {err['msg']}"
 
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
@@ -323,9 +479,10 @@ def from_dict(data: dict | None, overrides: list[tuple[str, object]] = ()) -> Co
     data = dict(data or {})
     for key, value in overrides:
         _set_dotted(data, key, value)
-    cfg = _convert(data, Config, "")
-    _check(cfg)
-    return cfg
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(dict.fromkeys(_message(err) for err in e.errors()))) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from factory.config import DownstreamConfig
+from factory.config import RESNETS, DownstreamConfig
 from factory.data import RealSet, decode_image, load_real
 
-RESNETS = ("resnet18", "resnet34", "resnet50")
 CHECKPOINT_FILE = "state.pt"
 DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
 BLOCK_BYTES = 16 << 20  # decoded bytes of a packaged real set's part (one Ray Data block)

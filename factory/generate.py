@@ -83,7 +83,7 @@ def train_discriminator(cfg: Config, recipe: str, backbone, features, classes: l
 
     r = cfg.recipes[recipe]
     (e,) = [e for e in r.energies if e.name == "lowdensity"]
-    per_class = int(e.params.get("baseline_per_class", 64))
+    per_class = e.params.baseline_per_class
     fakes, reals = [], []
     for label in classes:
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, f"{recipe}/baseline", label, 0))
@@ -220,28 +220,29 @@ class SyntheticProducer:
     def _energy(self, e: EnergyConfig, recipe: str, shard: Shard):
         from factory import guidance
 
-        p = dict(e.params)
         if e.name == "chamfer":
-            refs = torch.from_numpy(self._target("chamfer", recipe, int(p.pop("k", 32)), shard.label)["references"])
-            return guidance.ChamferEnergy(refs.to(self.backbone.device), **p)  # where the sampler's features are
+            refs = torch.from_numpy(self._target("chamfer", recipe, e.params.k, shard.label)["references"])
+            return guidance.ChamferEnergy(refs.to(self.backbone.device),  # where the sampler's features are
+                                          **e.params.model_dump(exclude={"k"}))
         if e.name == "ot":
-            target = self._target("ot", recipe, int(p.pop("K", 10)), shard.label)
+            p = e.params.model_dump(exclude={"K"})
+            target = self._target("ot", recipe, e.params.K, shard.label)
             n = self._images_per_class(recipe)
             # The class's target mass is partitioned across its shards (each fills its own share), so
             # shards stay independent, parallel and resumable while the class as a whole is matched.
             span = (shard.first_image / n, (shard.first_image + shard.num_images) / n)
             part = guidance.partition_masses(torch.from_numpy(target["masses"]), 1, 0, span=span)
-            p.setdefault("cost_scale", float(target["cost_scale"]))
+            if p["cost_scale"] is None:  # the class's whole measure's, not this shard's part's
+                p["cost_scale"] = float(target["cost_scale"])
             return guidance.OTEnergy(torch.from_numpy(target["support"]), part, **p)
         if e.name == "lowdensity":
-            identity = bool(p.pop("identity_precision", True))
-            p.pop("baseline_per_class", None)  # the discriminator's
+            p = e.params.model_dump(exclude={"identity_precision", "baseline_per_class"})
             labels, means = self._class_means()
             if shard.label not in labels:
                 raise ValueError(f"class {shard.label} has no train features: the low-density energy needs them")
-            disc = self._discriminator(recipe) if float(p.get("beta", 0.0)) > 0 else None
+            disc = self._discriminator(recipe) if e.params.beta > 0 else None
             return guidance.LowDensityEnergy(torch.from_numpy(means).float(),
-                                             None if identity else self._class_precisions(),
+                                             None if e.params.identity_precision else self._class_precisions(),
                                              label=labels.index(shard.label), discriminator=disc, **p)
         raise ValueError(f"unknown energy {e.name!r}")
 
@@ -278,7 +279,7 @@ class SyntheticProducer:
             ]
         return self._guidance[key]
 
-    def _soft_label_condition(self, params: dict, labels: torch.Tensor, generator: torch.Generator, backbone=None):
+    def _soft_label_condition(self, soft_labels, labels: torch.Tensor, generator: torch.Generator, backbone=None):
         """DMGD's dynamic soft labels: the conditioning of step i of n (paper 003, three stages)."""
         from factory import guidance
 
@@ -287,9 +288,8 @@ class SyntheticProducer:
         others = guidance.pick_other_class(labels, backbone.num_classes, generator)
         f_y, f_other = backbone.condition(labels), backbone.condition(others)
         std = guidance.embedding_noise_std(table)
-        params = dict(params)
-        unconditional = params.pop("baseline", "zero") == "unconditional"  # validated with the config
-        base = backbone.null_condition(len(labels)) if unconditional else None
+        params = soft_labels.model_dump(exclude={"baseline"})
+        base = backbone.null_condition(len(labels)) if soft_labels.baseline == "unconditional" else None
 
         def condition(i: int, n: int) -> torch.Tensor:
             # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n

@@ -319,7 +319,7 @@ def guidance_key(recipe) -> str:
 def _energy_terms(e) -> int:
     """Backward passes an energy takes per guided step (low-density: one per non-zero term, as the sampler)."""
     if e.name == "lowdensity":
-        return int(float(e.params.get("alpha", 0.5)) != 0.0) + int(float(e.params.get("beta", 0.0)) > 0.0)
+        return int(e.params.alpha != 0.0) + int(e.params.beta > 0.0)
     return 1
 
 
@@ -439,9 +439,9 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
             n_img = f"{r.progressive_batch} image" + ("s" if r.progressive_batch > 1 else "")
             notes.append(f"{rp.recipe}: samples sub-batches of {n_img} (greedy progressive matching), far below "
                          "a GPU's full-batch speed, which the estimate assumes: expect longer")
-        low = [e for e in r.energies if e.name == "lowdensity" and float(e.params.get("beta", 0.0)) > 0]
+        low = [e for e in r.energies if e.name == "lowdensity" and e.params.beta > 0]
         if low:
-            per = int(low[0].params.get("baseline_per_class", 64))
+            per = low[0].params.baseline_per_class
             notes.append(f"{rp.recipe}: each actor first samples {per} x {n_classes} unguided images to train the "
                          "low-density discriminator (not in the estimate)")
         if getattr(r, "finetune", None) is not None:

@@ -4,7 +4,6 @@ so the page stays one self-contained file. Same inputs give the same bytes (no t
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import math
@@ -85,10 +84,10 @@ def image_grid(rows: list[list[Image.Image]], cell: int, gap: int = 0) -> np.nda
 # recipes as the plots group them
 
 def chamfer_k(recipe) -> int | None:
-    """The ``k`` of the recipe's first Chamfer energy (the sampler's default 32 when unset), or None."""
+    """The ``k`` of the recipe's first Chamfer energy, or None."""
     for e in recipe.energies:
         if e.name == "chamfer":
-            return int(e.params.get("k", 32))
+            return e.params.k
     return None
 
 
@@ -102,7 +101,7 @@ def recipe_families(cfg, names: list[str]) -> list[tuple[str, list[str]]]:
     first seen; each named by the members' common name prefix (without trailing separators) or their first name."""
     groups: dict[str, list[str]] = {}
     for n in names:
-        d = dataclasses.asdict(cfg.recipes[n])
+        d = cfg.recipes[n].model_dump()
         d.pop("scale", None)
         d.pop("images_per_class", None)
         groups.setdefault(json.dumps(d, sort_keys=True, default=str), []).append(n)

@@ -44,7 +44,6 @@ condition) for text backbones. The latent-prior initialisation is the recipe's `
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -301,12 +300,12 @@ def train_loop(config: dict) -> None:
 def digest(cfg, recipe: str) -> str:
     """What the adapter depends on, hashed: the real set, backbone, features, seed and the fine-tuning settings
     (not steps, checkpoint_every, num_workers, use_gpu: more steps continue the same run)."""
-    ft = dataclasses.asdict(cfg.recipes[recipe].finetune)
+    ft = cfg.recipes[recipe].finetune.model_dump()
     for key in ("steps", "checkpoint_every", "num_workers", "use_gpu"):
         ft.pop(key)
-    backbone = dataclasses.asdict(cfg.backbone)
+    backbone = cfg.backbone.model_dump()
     what = {"data": [cfg.data.source, cfg.data.root],  # the whole train split is used, whatever data.classes
-            "backbone": backbone, "features": dataclasses.asdict(cfg.features), "seed": cfg.seed, "finetune": ft}
+            "backbone": backbone, "features": cfg.features.model_dump(), "seed": cfg.seed, "finetune": ft}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -374,7 +373,7 @@ def finetune(cfg, recipe: str, train, out: str, storage_path: str, storage_files
     trained = 0
     if result is None:
         config = {
-            "run_config": cfg.to_dict(), "finetune": dataclasses.asdict(ft), "digest": key, "seed": cfg.seed,
+            "run_config": cfg.to_dict(), "finetune": ft.model_dump(), "digest": key, "seed": cfg.seed,
             "images": train.images, "labels": train.labels.astype(np.int64), "class_names": list(train.class_names),
             "mode": train.mode, "use_gpu": ft.use_gpu, "threads": max(1, cfg.executor.torch_threads),
         }
@@ -391,6 +390,6 @@ def finetune(cfg, recipe: str, train, out: str, storage_path: str, storage_files
     summary = {"digest": key, "steps": int(metrics["step"]), "history": [dict(h) for h in metrics["history"]],
                "resumed_from": int(metrics["resumed_from"]), "steps_trained": int(trained),
                "seconds": round(time.perf_counter() - t0, 2), "adapter": out,
-               "finetune": dataclasses.asdict(ft)}
+               "finetune": ft.model_dump()}
     _publish(result.checkpoint, out, summary)
     return summary

@@ -11,7 +11,6 @@ missing names the stage that makes them.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -76,7 +75,7 @@ def references_stage(cfg: Config, output: str, plan: Plan, info, sink: ShardSink
 def score_made_for(cfg: Config, plan: Plan) -> dict:
     """What the score stage's metrics depend on besides the shards: the eval settings, the seed and the plan."""
     labels = hashlib.sha256(json.dumps(plan.labels).encode()).hexdigest()[:16]  # a digest: classes may be many
-    return json.loads(json.dumps({"eval": dataclasses.asdict(cfg.eval), "seed": cfg.seed, "labels": labels,
+    return json.loads(json.dumps({"eval": cfg.eval.model_dump(), "seed": cfg.seed, "labels": labels,
                                   "recipes": {rp.recipe: rp.images_per_class for rp in plan.recipes}}))
 
 

@@ -1,6 +1,13 @@
+import inspect
+from pathlib import Path
+
 import pytest
 
-from factory.config import ConfigError, from_dict, load_config, parse_overrides
+from factory.config import (
+    ChamferParams, ConfigError, LowDensityParams, OTParams, SoftLabelsConfig, from_dict, load_config, parse_overrides,
+)
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 
 
 def test_quickstart_config_validates():
@@ -24,6 +31,53 @@ def test_quickstart_config_validates():
         ({"recipes": {}}, "at least one recipe"),
         ({"seed": 1.5}, "seed: expected an integer"),
         ({"recipes": {"x": {"soft_labels": {"baseline": "null"}}}}, "recipes.x.soft_labels.baseline: unknown value"),
+        # each energy's params are typed by its name
+        ({"recipes": {"x": {"energies": [{"name": "chamfer", "params": {"kk": 3}}]}}},
+         "unknown key recipes.x.energies[0].params.'kk'; allowed keys: balance, coverage_weight, fidelity_weight, k"),
+        ({"recipes": {"x": {"energies": [{"name": "chamfer"}, {"name": "ot", "params": {"k": 3}}]}}},
+         "unknown key recipes.x.energies[1].params.'k'; allowed keys: K, cost_scale,"),
+        ({"recipes": {"x": {"energies": [{"name": "ot", "params": {"K": 0}}]}}},
+         "recipes.x.energies[0].params.K: must be >= 1, got 0"),
+        ({"recipes": {"x": {"energies": [{"name": "ot", "params": {"reg": 0}}]}}}, "params.reg: must be > 0.0, got 0"),
+        ({"recipes": {"x": {"energies": [{"name": "ot", "params": {"method": "exact"}}]}}},
+         "params.method: unknown value 'exact'; expected one of 'sinkhorn' or 'sinkhorn_log'"),
+        ({"recipes": {"x": {"energies": [{"name": "ot", "params": {"cost_scale": -1}}]}}},
+         "params.cost_scale: expected a positive number, 'mean' or 'max', got -1"),
+        ({"recipes": {"x": {"energies": [{"name": "lowdensity", "params": {"beta": 1.0, "tau": 0}}]}}},
+         "recipes.x.energies[0].params.tau: must be > 0"),
+        ({"recipes": {"x": {"energies": [{"name": "chamfer", "params": {"balance": 1}}]}}},
+         "recipes.x.energies[0].params.balance: expected true or false, got 1"),
+        ({"recipes": {"x": {"energies": [{"name": "chamfer", "window": [0.6, 0.2]}]}}},
+         "recipes.x.energies[0].window: expected [start, end]"),
+        ({"recipes": {"x": {"energies": [{"name": "chamfer", "every": 0}]}}},
+         "recipes.x.energies[0].every: must be >= 1"),
+        # choices name the allowed values; bounds say the bound and the value
+        ({"backbone": {"name": "sd99"}}, "expected one of 'tiny', 'sd15', 'sd35m' or 'dit-xl-2'"),
+        ({"recipes": {"x": {"grad_through": "x1"}}},
+         "recipes.x.grad_through: unknown value 'x1'; expected one of 'model' or 'x0'"),
+        ({"downstream": {"model": "vgg"}}, "downstream.model: unknown value 'vgg'"),
+        ({"sampling": {"eta": -1}}, "sampling.eta: must be >= 0.0, got -1"),
+        ({"recipes": {"x": {"init_strength": 0}}}, "recipes.x.init_strength: must be > 0"),
+        ({"recipes": {"x": {"finetune": {"batch_size": 1}}}}, "recipes.x.finetune.batch_size: must be >= 2, got 1"),
+        ({"recipes": {"x": {"finetune": {"p_uncond": 1.0}}}}, "recipes.x.finetune.p_uncond: must be < 1"),
+        ({"recipes": {"x": {"soft_labels": {"refine_until": 0.95}}}},
+         "recipes.x.soft_labels.refine_until: must be below"),
+        ({"recipes": {"a b": {}}}, "recipes.a b: recipe names may hold"),
+        ({"sampling": {"eta": "fast"}}, "sampling.eta: expected a finite number, got 'fast'"),
+        # backbone and feature-space options are checked against the backbone's and the feature space's
+        ({"backbone": {"name": "tiny", "options": {"dtype": "fp32"}}},
+         "unknown key backbone.options.'dtype'; allowed keys: lora, mode"),
+        ({"backbone": {"name": "sd15", "checkpoint": "x", "options": {"dtype": "fp8"}}},
+         "backbone.options.dtype: unknown value 'fp8'"),
+        ({"backbone": {"name": "sd15", "checkpoint": "x", "options": {"prompt_template": "a {name}"}}},
+         "backbone.options.prompt_template: must contain '{class_name}'"),
+        ({"backbone": {"name": "sd35m", "checkpoint": "x", "options": {"scheduler": "ddim"}}},
+         "backbone.options.scheduler: unknown value 'ddim'"),
+        ({"backbone": {"name": "dit-xl-2", "checkpoint": "x", "options": {"resolution": [256]}}},
+         "backbone.options.resolution: expected a positive integer or [height, width]"),
+        ({"features": {"name": "cnn", "options": {"work_size": 16}}},
+         "unknown key features.options.'work_size'; allowed keys: none"),
+        ({"features": {"name": "dinov2", "options": {"image_size": 0}}}, "features.options.image_size: must be >= 1"),
     ],
 )
 def test_bad_configs_name_the_problem(data, message):
@@ -56,3 +110,62 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("sampling: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_every_error_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"sampling": {"steps": 0}, "output": {"quality": 0},
+                   "recipes": {"x": {"energies": [{"name": "chamfer", "params": {"kk": 3}}]}}})
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("sampling.steps") and "params.'kk'" in lines[2]
+
+
+def test_an_energy_param_typo_fails_at_load_and_exits_2(tmp_path, capsys):
+    from factory.cli import main
+
+    path = tmp_path / "job.yaml"
+    path.write_text("recipes:\n  chamfer:\n    energies:\n      - {name: chamfer, params: {kk: 3}}\n")
+    with pytest.raises(ConfigError, match=r"recipes.chamfer.energies\[0\].params.'kk'"):
+        load_config(path)
+    assert main(["plan", str(path)]) == 2
+    assert "unknown key recipes.chamfer.energies[0].params.'kk'; allowed keys:" in capsys.readouterr().err
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "job.yaml"  # PyYAML reads 1e-4 (no dot) as the string "1e-4"
+    path.write_text("recipes:\n  x:\n    finetune: {lr: 1e-4}\n"
+                    "    energies: [{name: ot, weight: 5e-2, params: {reg: 1e-1}}]\n")
+    r = load_config(path).recipes["x"]
+    assert r.finetune.lr == 1e-4 and r.energies[0].weight == 0.05 and r.energies[0].params.reg == 0.1
+    assert from_dict({}, parse_overrides(["sampling.eta=1e-2"])).sampling.eta == 0.01
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_every_job_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert from_dict(cfg.to_dict()) == cfg  # what the actors and the run's record rebuild
+
+
+def test_options_keep_the_keys_given_and_params_get_defaults():
+    cfg = load_config("jobs/imagenet1k_10x_dit.yaml")
+    assert cfg.backbone.options == {"dtype": "bf16", "gradient_checkpointing": True, "class_ids": None}
+    (e,) = cfg.recipes["chamfer"].energies
+    assert (e.params.k, e.params.balance) == (32, False)  # the default where the job does not say
+
+
+def test_param_defaults_are_the_guidance_modules_defaults():
+    from factory import guidance
+    from factory.guidance import softlabel
+
+    def defaults(fn, model):
+        sig = inspect.signature(fn).parameters
+        return {k: sig[k].default for k in model.model_fields if k in sig and k != "baseline"}, model().model_dump()
+
+    for fn, model, n in [(guidance.ChamferEnergy.__init__, ChamferParams, 3),
+                         (guidance.OTEnergy.__init__, OTParams, 6),
+                         (guidance.LowDensityEnergy.__init__, LowDensityParams, 4),
+                         (softlabel.soft_label_embedding, SoftLabelsConfig, 5)]:
+        given, ours = defaults(fn, model)
+        assert len(given) == n and all(ours[k] == v for k, v in given.items()), (model, given, ours)
+    assert ChamferParams().k == inspect.signature(guidance.ChamferEnergy.from_features).parameters["k"].default
+    assert OTParams().K == inspect.signature(guidance.OTEnergy.from_features).parameters["K"].default

@@ -145,7 +145,7 @@ def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | 
     a run's set, with ``num_images``. ``work``: where the real set's bank and the set's features go."""
     import ray
 
-    from factory.config import Config, DataConfig, EvalConfig, FeaturesConfig
+    from factory.config import from_dict
     from factory.dataplane import ensure_ray
     from factory.shards import ShardSink
     from factory.stages.references import build_reference_bank, real_info
@@ -156,8 +156,8 @@ def evaluate_dataset(source: str, root: str, real_source: str, real_root: str | 
     work, root = (p if "://" in p else os.path.abspath(p) for p in (work, root))
     if real_root and "://" not in real_root:
         real_root = os.path.abspath(real_root)
-    cfg = Config(name="eval", data=DataConfig(source=real_source, root=real_root),  # a plain recipe: nothing fitted
-                 features=FeaturesConfig(name=features_name, checkpoint=features_checkpoint), eval=EvalConfig(k=k))
+    cfg = from_dict({"name": "eval", "data": {"source": real_source, "root": real_root},  # plain: nothing fitted
+                     "features": {"name": features_name, "checkpoint": features_checkpoint}, "eval": {"k": k}})
     info = real_info(cfg)  # the real set's classes, size and mode
     ensure_ray(None)
     ds = read_set(source, root)  # fails on a missing set before anything is written

@@ -12,7 +12,6 @@ whose baseline would now be sampled differently.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -92,7 +91,7 @@ class ClassEmbedder:
 
 def bank_signature(cfg) -> dict:
     """What the bank's content depends on: the real data and the feature space."""
-    return {"data": {"source": cfg.data.source, "root": cfg.data.root}, "features": dataclasses.asdict(cfg.features)}
+    return {"data": {"source": cfg.data.source, "root": cfg.data.root}, "features": cfg.features.model_dump()}
 
 
 def summarise_bank(output: str, storage_options: dict | None, labels: list[int]) -> dict:
@@ -127,9 +126,9 @@ def discriminator_made_for(cfg, recipe: str, adapter: str | None) -> dict:
     class, seed, backbone and adapter, steps, eta); not the recipe's image count or energy weights."""
     r = cfg.recipes[recipe]
     (e,) = [e for e in r.energies if e.name == "lowdensity"]
-    per_class = e.params.get("baseline_per_class", 64)
+    per_class = e.params.baseline_per_class
     return json.loads(json.dumps({"cfg_scale": r.cfg_scale, "baseline_per_class": per_class, "seed": cfg.seed,
-                                  "backbone": dataclasses.asdict(cfg.backbone), "adapter": adapter,
+                                  "backbone": cfg.backbone.model_dump(), "adapter": adapter,
                                   "steps": cfg.sampling.steps, "eta": cfg.sampling.eta}))
 
 

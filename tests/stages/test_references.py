@@ -46,7 +46,7 @@ def test_a_crashed_bank_resumes_and_a_foreign_bank_is_refused(local_ray, tmp_pat
     meta = build_reference_bank(cfg, str(tmp_path), info, [0, 1], progress=False)
     assert (bank / "test" / "c00001.json").exists() and (bank / "train" / "c00000.npy").stat().st_mtime_ns == kept
     assert json.loads((bank / "meta.json").read_text()) == meta
-    other = _cfg(options={"work_size": 16})
+    other = _cfg(checkpoint="fashion_mnist")  # other features
     with pytest.raises(ValueError, match="_references was made for"):
         build_reference_bank(other, str(tmp_path), info, [0, 1], progress=False)
     assert np.load(bank / "train" / "c00000.npy").shape == (info.counts["train"][0], 64)
