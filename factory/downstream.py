@@ -1,9 +1,10 @@
 """Downstream classifier: a torchvision ResNet trained on Ray Train, judged on the real test split.
 
-The training set is synthetic (the factory's Parquet shards), the real train split or both ("mixed"); it is
-a lazy Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows, read and decoded by Ray Data
-while Ray Train's workers consume their split of it (files in a new seeded order every epoch, rows mixed in
-a local shuffle buffer), so no process holds the set. The real test split streams the same way. Several classifiers (one per recipe and mode, and real) train one after another in
+The training set is synthetic (the factory's Parquet shards), the real train split or both ("mixed"). A
+worker's split of at most ``HOLD_BYTES`` is read once by the worker itself and held (:func:`read_held`); a
+larger one is a lazy Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows, read and decoded by
+Ray Data while the workers consume their split of it (files in a new seeded order every epoch, rows mixed in
+a local shuffle buffer), so no process holds the set. The real test split is read the same way. Several classifiers (one per recipe and mode, and real) train one after another in
 one Ray Train run, so its start-up is paid once. Each epoch ends with ``ray.train.report`` and a
 checkpoint (model, optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun
 with the same storage path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's
@@ -127,14 +128,20 @@ def _whole_split(source: str, root: str | None, split: str) -> RealSet:
     return load_real(source, split, root)
 
 
-def _real_part(batch: dict, source: str, root: str | None, split: str, parts: int, mode: str,
-               size: tuple[int, int]) -> dict:
-    """``map_batches`` step in a Ray task: part ``i`` of ``parts`` (every parts-th image) of a split loaded in
-    that worker process (once: the small packaged, folder and WebDataset sources have no per-file reader)."""
+def _checked_split(source: str, root: str | None, split: str, mode: str, size) -> RealSet:
+    """The real ``split`` (loaded once per process), refused when its images are not the set's mode and size."""
     real = _whole_split(source, root, split)
     if real.mode != mode or real.size != tuple(size):
         raise ValueError(f"the real {split} images are {real.mode} {real.size[1]}x{real.size[0]}, the set's "
                          f"are {mode} {size[1]}x{size[0]}")
+    return real
+
+
+def _real_part(batch: dict, source: str, root: str | None, split: str, parts: int, mode: str,
+               size: tuple[int, int]) -> dict:
+    """``map_batches`` step in a Ray task: part ``i`` of ``parts`` (every parts-th image) of a split loaded in
+    that worker process (once: the small packaged, folder and WebDataset sources have no per-file reader)."""
+    real = _checked_split(source, root, split, mode, size)
     idx = np.concatenate([np.arange(int(i), len(real.labels), parts) for i in batch["id"]])
     return {"image": real.images[idx], "label": real.labels[idx].astype(np.int64)}
 
@@ -256,10 +263,7 @@ def read_held(files: list[str], real: dict | None, mode: str, size: tuple[int, i
             images.append(torch.from_numpy(batch["image"]))
             labels.append(torch.from_numpy(batch["label"]))
     if real is not None:
-        split = _whole_split(real["source"], real["root"], real["split"])
-        if split.mode != mode or split.size != tuple(size):
-            raise ValueError(f"the real {real['split']} images are {split.mode} {split.size[1]}x{split.size[0]}, "
-                             f"the set's are {mode} {size[1]}x{size[0]}")
+        split = _checked_split(real["source"], real["root"], real["split"], mode, size)
         idx = np.arange((rank - offset) % world, len(split.labels), world)
         images.append(torch.from_numpy(np.ascontiguousarray(split.images[idx])))
         labels.append(torch.from_numpy(split.labels[idx].astype(np.int64)))
@@ -380,9 +384,8 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
     epochs, batch_size = config["epochs"], spec["batch_size"]
     steps = max(1, spec["train_images"] // world // batch_size)  # per epoch and worker
     pad = max(1, config["image_size"] // 8)
-    if spec["held"]:
-        split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), rank, world) \
-            if start < epochs else None
+    if spec["held"]:  # read once, straight from storage
+        split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), rank, world)
     else:
         shard = ray.train.get_dataset_shard(name)
     for epoch in range(start, epochs):
