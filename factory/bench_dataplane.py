@@ -63,7 +63,7 @@ def overhead(config: str, recipes: list[str] | None, actors: int, overrides: lis
 
     from factory.config import load_config
     from factory.data import load_real
-    from factory.generate import SyntheticProducer
+    from factory.generate import SyntheticProducer, encoder
     from factory.run import build_plan
 
     cfg = load_config(config, overrides)
@@ -81,7 +81,7 @@ def overhead(config: str, recipes: list[str] | None, actors: int, overrides: lis
         sink = ShardSink(bare_out, cfg.output.formats)
         for sid in range(len(plan)):
             shard = plan.shard(sid)
-            sink.commit(shard.recipe, shard.name, producer(shard), {"shard_id": sid, "seed": shard.seed})
+            sink.commit(shard.recipe, shard.name, encoder(cfg)(producer(shard)), {"shard_id": sid, "seed": shard.seed})
         bare = time.perf_counter() - t0
         torch.set_num_threads(threads)
         del producer
@@ -91,7 +91,7 @@ def overhead(config: str, recipes: list[str] | None, actors: int, overrides: lis
         sink = ShardSink(plane_out, cfg.output.formats)
         rows = list(run_shards(plan, pending_shards(plan, sink), functools.partial(SyntheticProducer, cfg.to_dict()),
                                plane_out, cfg.output.formats, (actors, actors), num_cpus=cfg.executor.num_cpus,
-                               progress=False))
+                               progress=False, finish=encoder(cfg)))
         plane = time.perf_counter() - t0
         a, b = _files(bare_out), _files(plane_out)
         result = {"config": config, "recipes": list(cfg.recipes), "shards": len(plan), "images": plan.num_images,

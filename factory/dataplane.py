@@ -1,7 +1,8 @@
 """The data plane: pending shard ids stream through a Ray Data actor pool; each call makes one shard.
 
-reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records)
--> writer (``ShardSink.commit``: formats first, stats marker last). The driver only consumes one small
+reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records; the
+accelerator stage) -> writer (a CPU stage: ``finish``, e.g. encoding, then ``ShardSink.commit``, formats
+first, stats marker last). The driver only consumes one small
 stats row per shard, so its memory does not grow with the images. Knows nothing of diffusion: the
 producer is any picklable zero-argument factory returning ``producer(shard) -> list[record]``.
 """
@@ -48,12 +49,13 @@ class ShardFailed(RuntimeError):
 
 
 class ShardWorker:
-    """Ray Data callable class: builds its producer once, then makes and commits one shard per row.
+    """Ray Data callable class (the accelerator stage): builds its producer once, then makes one shard per row.
 
-    A producer that raises (bad input, NaN during sampling) does not raise through Ray, whose wrappers
-    keep the original error only as traceback text: the row carries ``error`` ("Type: message"), and
-    :func:`run_shards` raises :class:`ShardFailed` with it on the driver. Nothing of that shard is
-    committed. A worker that dies (preemption) is Ray's to retry, as before.
+    It only makes records: they travel to :class:`ShardCommitter`, a CPU stage of the same pipeline, so
+    encoding and upload of one shard overlap the making of the next. A producer that raises (bad input,
+    NaN during sampling) does not raise through Ray, whose wrappers keep the original error only as
+    traceback text: the row carries ``error`` ("Type: message"), and :func:`run_shards` raises
+    :class:`ShardFailed` with it on the driver. A worker that dies (preemption) is Ray's to retry.
     """
 
     def __init__(self, make_producer: Callable, plan: Plan, output: str, formats: list[str], storage_options=None):
@@ -62,34 +64,81 @@ class ShardWorker:
         self.producer = make_producer()
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"shard_id": [], "recipe": [], "shard": [], "num_images": [], "seconds": [], "skipped": [],
-                "error": []}
+        rows = {"shard_id": [], "records": [], "seconds": [], "skipped": [], "error": []}
         for sid in batch["shard_id"]:
             shard = self.plan.shard(int(sid))
             t0 = time.perf_counter()
             skipped = self.sink.is_complete(shard.recipe, shard.name)  # a retried task may find it done
-            error = ""
+            records, error = None, ""
             if not skipped:
-                where = f"{shard.recipe}/{shard.name}"
                 try:
                     records = self.producer(shard)
                     if len(records) != shard.num_images:
                         raise RuntimeError(f"producer made {len(records)} records, plan says {shard.num_images}")
+                except Exception as e:  # a bad shard: name it, mark nothing complete
+                    error = _named(shard, e)
+            rows["shard_id"].append(shard.shard_id)
+            rows["records"].append(_Records(records))
+            rows["seconds"].append(time.perf_counter() - t0)
+            rows["skipped"].append(skipped)
+            rows["error"].append(error)
+        out = {k: np.asarray(v) for k, v in rows.items() if k != "records"}
+        out["records"] = np.empty(len(rows["records"]), dtype=object)
+        out["records"][:] = rows["records"]
+        return out
+
+
+class _Records:
+    """One shard's records as one opaque Python object, so Ray Data pickles them as they are instead of
+    converting a list of dicts of arrays to Arrow columns."""
+
+    def __init__(self, records: list[dict] | None):
+        self.records = records
+
+
+def _named(shard, e: Exception) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    where = f"{shard.recipe}/{shard.name}"
+    return msg if where in msg else f"shard {where}: {msg}"
+
+
+class ShardCommitter:
+    """Ray Data callable (the CPU stage): ``finish`` (e.g. image encoding) then ``ShardSink.commit``,
+    formats first, stats marker last. Errors become the row's ``error`` as in :class:`ShardWorker`, and
+    a failed shard's error is kept at ``<output>/<recipe>/_errors/<shard>.json`` for ``factory status``."""
+
+    def __init__(self, plan: Plan, output: str, formats: list[str], storage_options=None,
+                 finish: Callable | None = None):
+        self.plan = plan
+        self.sink = ShardSink(output, formats, storage_options)
+        self.finish = finish
+
+    def __call__(self, batch: dict) -> dict:
+        rows = {"shard_id": [], "recipe": [], "shard": [], "num_images": [], "seconds": [], "commit_seconds": [],
+                "skipped": [], "error": []}
+        for sid, box, seconds, skipped, error in zip(batch["shard_id"], batch["records"], batch["seconds"],
+                                                      batch["skipped"], batch["error"]):
+            shard = self.plan.shard(int(sid))
+            t0 = time.perf_counter()
+            error = str(error)
+            if not skipped and not error:
+                try:
+                    records = box.records if self.finish is None else self.finish(box.records)
                     self.sink.commit(shard.recipe, shard.name, records, {
                         "shard_id": shard.shard_id, "label": shard.label, "class_name": shard.class_name,
                         "index": shard.index, "seed": shard.seed,
                     })
-                    self._error_record(shard, None)
-                except Exception as e:  # a bad shard or an unreachable store: name it, mark nothing complete
-                    msg = f"{type(e).__name__}: {e}"
-                    error = msg if where in msg else f"shard {where}: {msg}"
-                    self._error_record(shard, error)
+                except Exception as e:  # an unreachable store, an encoder error: nothing marked complete
+                    error = _named(shard, e)
+            if not skipped:
+                self._error_record(shard, error or None)
             rows["shard_id"].append(shard.shard_id)
             rows["recipe"].append(shard.recipe)
             rows["shard"].append(shard.name)
             rows["num_images"].append(shard.num_images)
-            rows["seconds"].append(time.perf_counter() - t0)
-            rows["skipped"].append(skipped)
+            rows["seconds"].append(float(seconds))
+            rows["commit_seconds"].append(time.perf_counter() - t0)
+            rows["skipped"].append(bool(skipped))
             rows["error"].append(error)
         return {k: np.asarray(v) for k, v in rows.items()}
 
@@ -127,8 +176,14 @@ def run_shards(
     progress: bool = True,
     desc: str = "shards",
     shards_per_call: int = 1,
+    finish: Callable | None = None,
+    commit_cpus: float = 0.0,
 ) -> Iterator[dict]:
     """Make ``shard_ids`` of ``plan`` through a Ray Data actor pool; yields one stats row per shard.
+
+    Two stages of one pipeline: the actors (``num_gpus`` each) make records, and CPU tasks
+    (``commit_cpus`` each; 0 shares the actors' nodes) apply ``finish`` and commit them, so the
+    accelerator is not idle while a shard is encoded and uploaded.
 
     ``shards_per_call`` rows go to one call of an actor (Ray Data's batch). The worker commits each
     shard as it finishes and a retried call skips the committed ones, so a lost actor costs at most
@@ -150,6 +205,15 @@ def run_shards(
         compute=ray.data.ActorPoolStrategy(min_size=num_actors[0], max_size=num_actors[1]),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+    )
+    ds = ds.map_batches(
+        ShardCommitter,
+        fn_constructor_kwargs=dict(
+            plan=plan, output=output, formats=formats, storage_options=storage_options, finish=finish
+        ),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors[1])),
+        num_cpus=commit_cpus,
     )
     images = sum(plan.shard(int(s)).num_images for s in shard_ids)
     with bar(images, desc, unit="img", disable=not progress) as shown:  # images/s and ETA; shards in the postfix

@@ -1,7 +1,8 @@
 """The shard producer: where the data plane meets diffusion. One instance per actor, one call per shard.
 
 ``SyntheticProducer(config)(shard)`` samples the shard's images with the recipe's guidance and returns
-its records (image bytes in ``output.codec`` at the real set's size and mode, label, class name, seed, and
+its records (uint8 pixels at the real set's size and mode, which :func:`encoder` turns into ``output.codec``
+bytes in the data plane's CPU stage; label, class name, seed, and
 the real set's class names for the Parquet ClassLabel). The content is a function of (config, shard)
 alone: the initial noise comes from a generator seeded by the shard's seed,
 torch runs on a fixed number of threads, and the energies are built from the train split with seeds
@@ -10,16 +11,16 @@ derived from the run seed.
 
 from __future__ import annotations
 
-import io
+import functools
 
 import numpy as np
 import torch
-from PIL import Image
 
 from factory.backbones import load_backbone, load_features
 from factory.config import CODECS, Config, EnergyConfig, from_dict
 from factory.data import load_real
 from factory.plan import Shard, shard_seed
+from factory.shards import encode_images
 from factory.sampler import Guidance, sample
 
 
@@ -29,22 +30,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     Quantised where the images are (the GPU): only uint8 crosses to the host."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
-
-
-def encode_image(array: np.ndarray, codec: str = "png", quality: int = 90) -> bytes:
-    """uint8 (H, W) or (H, W, 3) -> PNG, JPEG or WebP bytes (``quality`` 1-100 for the lossy two), with fixed
-    encoder settings and no metadata, so the same array always gives the same bytes."""
-    img = Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
-    buf = io.BytesIO()
-    if codec == "png":
-        img.save(buf, format="PNG", compress_level=6)
-    elif codec == "jpeg":
-        img.save(buf, format="JPEG", quality=quality, optimize=True, progressive=False, subsampling="4:2:0")
-    elif codec == "webp":
-        img.save(buf, format="WEBP", quality=quality, method=4, lossless=False, exact=False)
-    else:
-        raise ValueError(f"unknown image codec {codec!r}; expected one of {', '.join(CODECS)}")
-    return buf.getvalue()
 
 
 def build_backbone(cfg: Config, train, lora: str | None = None):
@@ -335,15 +320,21 @@ class SyntheticProducer:
         return images
 
     def __call__(self, shard: Shard) -> list[dict]:
+        """The shard's records with uint8 pixels as ``image``: :func:`encoder` turns them into the output's
+        codec in the data plane's CPU stage, off the accelerator."""
         from factory.bank import features_column
 
         images = self.sample_shard(shard)
         feats = features_column(images, self.features)  # in the evaluation space: scoring reads this column
         arrays = to_uint8(images)
-        out = self.cfg.output
         names = list(self.info.class_names)  # the Parquet ClassLabel's names: all of the real set's
         return [
-            {"key": shard.key(i), "image": encode_image(a, out.codec, out.quality), "label": shard.label,
+            {"key": shard.key(i), "image": a, "label": shard.label,
              "class_name": shard.class_name, "seed": shard.seed, "class_names": names, "features": feats[i].tolist()}
             for i, a in enumerate(arrays)
         ]
+
+
+def encoder(cfg: Config):
+    """The data plane's ``finish`` for this config's records: pixels -> ``output.codec`` bytes (picklable)."""
+    return functools.partial(encode_images, codec=cfg.output.codec, quality=cfg.output.quality)

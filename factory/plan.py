@@ -267,7 +267,7 @@ BACKBONE_TFLOPS = {
 }
 
 
-# Mean bytes per image of factory.generate.encode_image at quality 90 (docs/benchmarks.md, "Bytes per image"):
+# Mean bytes per image of factory.shards.encode_image at quality 90 (docs/benchmarks.md, "Bytes per image"):
 # 8 px: the digits train split (grey); 28 px: 200 samples of the packaged Fashion-MNIST tiny UNet (grey);
 # 256 px: 32 crops of scikit-learn's two sample photographs (RGB). Other sizes scale the nearest by area.
 BYTES_PER_IMAGE = {

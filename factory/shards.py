@@ -28,9 +28,11 @@ import time
 import uuid
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image's storage
 PARQUET_SCHEMA = pa.schema(
@@ -76,6 +78,28 @@ def parquet_schema(class_names: list[str] | None = None, feature_dim: int | None
         features["features"] = {"feature": {"dtype": "float32", "_type": "Value"}, "length": feature_dim,
                                 "_type": "List"}
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+
+
+def encode_image(array: np.ndarray, codec: str = "png", quality: int = 90) -> bytes:
+    """uint8 (H, W) or (H, W, 3) -> PNG, JPEG or WebP bytes (``quality`` 1-100 for the lossy two), with fixed
+    encoder settings and no metadata, so the same array always gives the same bytes."""
+    img = Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB")
+    buf = io.BytesIO()
+    if codec == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif codec == "jpeg":
+        img.save(buf, format="JPEG", quality=quality, optimize=True, progressive=False, subsampling="4:2:0")
+    elif codec == "webp":
+        img.save(buf, format="WEBP", quality=quality, method=4, lossless=False, exact=False)
+    else:
+        raise ValueError(f"unknown image codec {codec!r}; expected one of png, jpeg, webp")
+    return buf.getvalue()
+
+
+def encode_images(records: list[dict], codec: str = "png", quality: int = 90) -> list[dict]:
+    """The writer's ``finish``: records whose ``image`` is a uint8 array -> the same records with its bytes."""
+    return [{**r, "image": encode_image(r["image"], codec, quality)} if isinstance(r["image"], np.ndarray) else r
+            for r in records]
 
 
 def encode_parquet(records: list[dict], class_names: list[str] | None = None) -> bytes:

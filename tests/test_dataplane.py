@@ -56,3 +56,48 @@ def test_producer_mismatch_fails_loudly_and_commits_nothing(local_ray, tmp_path)
     with pytest.raises(Exception, match="producer made 0 records"):
         list(run_shards(plan, [0], BrokenProducer, out, ["parquet"], (1, 1)))
     assert ShardSink(out, ["parquet"]).completed("a") == set()
+
+
+class PixelProducer:
+    """Returns uint8 pixels, as the GPU actors do: the CPU stage's ``finish`` encodes them."""
+
+    def __call__(self, shard):
+        import numpy as np
+
+        rng = np.random.default_rng(shard.seed)
+        return [{"key": shard.key(i), "image": rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "label": shard.label,
+                 "class_name": shard.class_name, "seed": shard.seed} for i in range(shard.num_images)]
+
+
+def test_the_cpu_stage_encodes_what_the_actors_make(local_ray, tmp_path):
+    import functools
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from factory.shards import encode_images
+
+    plan, out = _plan(), str(tmp_path)
+    finish = functools.partial(encode_images, codec="png")
+    rows = list(run_shards(plan, [0, 1], PixelProducer, out, ["parquet"], (1, 1), finish=finish))
+    assert sorted(r["shard_id"] for r in rows) == [0, 1] and all(r["commit_seconds"] >= 0 for r in rows)
+    shard = plan.shard(0)
+    table = pq.read_table(ShardSink(out, ["parquet"]).path(shard.recipe, "parquet", shard.name))
+    want = PixelProducer()(shard)
+    got = [np.asarray(Image.open(io.BytesIO(img["bytes"]))) for img in table.column("image").to_pylist()]
+    assert all(np.array_equal(g, w["image"]) for g, w in zip(got, want)) and len(got) == shard.num_images
+
+
+def test_an_encoder_error_names_the_shard_and_commits_nothing(local_ray, tmp_path):
+    import functools
+
+    from factory.shards import encode_images
+
+    plan, out = _plan(), str(tmp_path)
+    with pytest.raises(Exception, match=r"shard a/.*unknown image codec 'gif'"):
+        list(run_shards(plan, [0], PixelProducer, out, ["parquet"], (1, 1),
+                        finish=functools.partial(encode_images, codec="gif")))
+    sink = ShardSink(out, ["parquet"])
+    assert sink.completed("a") == set() and sink.shard_files("a", "parquet") == []

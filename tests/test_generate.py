@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 from factory.config import from_dict
 from factory.embedded import FeatureCNN, build_unet, scheduler_config, tiny_unet_config
-from factory.generate import SyntheticProducer
+from factory.generate import SyntheticProducer, encoder
 from factory.run import build_plan
 from factory.data import load_real
 
@@ -54,6 +54,9 @@ def test_every_energy_makes_a_finite_shard(model_dir, recipe):
     assert images.shape == (shard.num_images, 1, 8, 8) and torch.isfinite(images).all()
     records = producer(shard)
     assert [r["label"] for r in records] == [2] * shard.num_images
+    assert all(r["image"].dtype == np.uint8 and r["image"].shape == (8, 8) for r in records)  # pixels, not bytes
+    encoded = encoder(cfg)(records)
+    assert [r["image"][:8] for r in encoded] == [b"\x89PNG\r\n\x1a\n"] * shard.num_images
 
 
 def test_guidance_changes_the_samples(model_dir):
@@ -71,11 +74,11 @@ def test_progressive_shards_are_independent_of_order_and_resume(model_dir):
     cfg = _cfg(model_dir, {"dmgd": RECIPES["dmgd"]})
     plan = build_plan(cfg, load_real("digits", "train"))
     assert len(plan) == 4  # 2 classes x 2 shards of 6
-    one = SyntheticProducer(cfg)
-    in_order = [one(plan.shard(i)) for i in range(len(plan))]
+    one, finish = SyntheticProducer(cfg), encoder(cfg)
+    in_order = [finish(one(plan.shard(i))) for i in range(len(plan))]
     resumed = SyntheticProducer(cfg)  # a fresh actor after a crash, starting midway
     for i in (3, 2):
-        assert resumed(plan.shard(i)) == in_order[i]
+        assert finish(resumed(plan.shard(i))) == in_order[i]
     assert in_order[0] != in_order[1]
 
 

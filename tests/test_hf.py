@@ -15,7 +15,7 @@ from PIL import Image
 from factory.cli import main
 from factory.config import ConfigError, from_dict
 from factory.data import decode_image, image_bytes, load_real
-from factory.generate import encode_image
+from factory.shards import encode_image
 from factory.shards import ShardSink, encode_parquet, encode_webdataset
 
 DIGITS = [str(i) for i in range(10)]

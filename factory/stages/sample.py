@@ -61,7 +61,7 @@ def finetune_recipes(cfg, sink, train, recipes: set[str]) -> tuple[dict, dict]:
 def run_sample(cfg, output: str, plan, sink, progress: bool = False, verify: bool = False) -> dict:
     """Make every pending shard of ``plan`` under ``output``; returns (and records) the stage's stats."""
     from factory.data import load_real
-    from factory.generate import SyntheticProducer
+    from factory.generate import SyntheticProducer, encoder
     from factory.stages.references import train_discriminators
     from factory.verify import drop_incomplete, verify as verify_output
 
@@ -81,15 +81,17 @@ def run_sample(cfg, output: str, plan, sink, progress: bool = False, verify: boo
     del train
     train_discriminators(cfg, output, adapters)  # a fine-tuned low-density recipe's: sampled with its adapter
     t_shards = time.perf_counter()
-    made = 0
+    made, busy = 0, {"make": 0.0, "commit": 0.0}
     try:
         for row in run_shards(
             plan, pending, functools.partial(SyntheticProducer, cfg.to_dict(), adapters, output), output,
             cfg.output.formats,
             num_actors=tuple(cfg.executor.num_actors), num_cpus=cfg.executor.num_cpus,
-            num_gpus=cfg.executor.num_gpus, progress=progress, desc="sampling",
+            num_gpus=cfg.executor.num_gpus, progress=progress, desc="sampling", finish=encoder(cfg),
         ):
             made += not row["skipped"]
+            busy["make"] += float(row["seconds"])
+            busy["commit"] += float(row["commit_seconds"])
     except Exception as e:
         cause = root_cause(e)
         what = str(cause) if isinstance(cause, ShardFailed) else f"{type(cause).__name__}: {cause}"
@@ -98,7 +100,9 @@ def run_sample(cfg, output: str, plan, sink, progress: bool = False, verify: boo
     LOG.info("sampling: %d shards made, %d already complete, %.1f s", made, len(plan) - len(pending), t_end - t_shards)
     stats = {"shards": {"planned": len(plan), "made": made, "already_complete": len(plan) - len(pending)},
              "images": sum(rp.images_per_class for rp in plan.recipes) * len(plan.labels),
-             "finetune_seconds": round(t_shards - t_finetune, 2), "sampling_seconds": round(t_end - t_shards, 2)}
+             "finetune_seconds": round(t_shards - t_finetune, 2), "sampling_seconds": round(t_end - t_shards, 2),
+             # summed over shards: the actors' making and the CPU stage's encoding + commit, which overlap
+             "make_seconds": round(busy["make"], 2), "commit_seconds": round(busy["commit"], 2)}
     if healed:
         stats["healed"] = healed
     if finetuned:
