@@ -380,6 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
                         help="compute dtype (default bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser and feature model")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode with --compile (e.g. max-autotune-no-cudagraphs; default torch's)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale; 1 = no unconditional pass")
     parser.add_argument("--grad-through", choices=("model", "x0"), default="model")
     parser.add_argument("--guidance-decoder", choices=("vae", "tiny"), default="vae")
@@ -495,7 +497,8 @@ def _row(args, backbone, features, feat_name, batch, m: dict, device_name: str, 
         "batch": batch, "steps": flops["steps"], "guided_steps": flops["guided_steps"],
         "cfg_scale": args.cfg_scale, "grad_through": args.grad_through, "guidance_decoder": args.guidance_decoder,
         "dtype": {v: k for k, v in DTYPES.items()}[getattr(backbone, "dtype", torch.float32)],
-        "compile": bool(args.compile), "resolution": list(getattr(backbone, "resolution", ())) or None,
+        "compile": (getattr(args, "compile_mode", None) or True) if args.compile else False,
+        "resolution": list(getattr(backbone, "resolution", ())) or None,
         "img_per_s": None, "sec_per_img": None,
         "tflops_per_img": _sig(tflops_per_img),
         "tflops_per_img_by_part": {k: _sig(v / batch / 1e12) for k, v in flops["flops_per_batch"].items()
@@ -545,8 +548,9 @@ def run_bench(args) -> dict:
                               gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     guidance = _energies(args.guidance, features, _probe(backbone, flops_only), args.every, args.seed)
     if args.compile and not flops_only:
-        backbone.compile() if hasattr(backbone, "compile") else backbone.unet.compile()
-        features.compile()
+        kw = {"mode": args.compile_mode} if getattr(args, "compile_mode", None) else {}
+        backbone.compile(**kw) if hasattr(backbone, "compile") else backbone.unet.compile(**kw)
+        features.compile(**kw)
     build_s = time.perf_counter() - t0
     m = measure(backbone, features, guidance, batch=batch, steps=steps, cfg_scale=args.cfg_scale,
                 grad_through=args.grad_through, warmup=args.warmup, repeats=args.repeats, seed=args.seed,

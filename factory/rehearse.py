@@ -59,17 +59,18 @@ def write_real_set(root: str, class_names: list[str], size: int, mode: str, trai
     sink.put(f"{sink.root}/classes.json", json.dumps(index).encode())
 
 
-def save_tiny_models(backbone: str, features: str, root: str, seed: int = 0) -> dict:
-    """Tiny random-weight models of the job's kinds, saved as folders: {"backbone": path, "features": path}."""
+def save_tiny_models(backbone: str, features: str, root: str, seed: int = 0, size: str = "tiny") -> dict:
+    """Random-weight models of the job's kinds (``size`` "tiny", or "full" for the device benchmark),
+    saved as folders: {"backbone": path, "features": path}."""
     from factory.bench import build_components, build_features_model, save_pipeline
 
     out = {}
     if backbone != "tiny":
-        comps = build_components(backbone, "tiny", seed=seed)
+        comps = build_components(backbone, size, seed=seed)
         save_pipeline(comps, os.path.join(root, backbone))
         out["backbone"] = os.path.join(root, backbone)
     if features != "cnn":
-        model, size = build_features_model(features, "tiny", seed=seed + 1)
+        model, size = build_features_model(features, size, seed=seed + 1)
         where = os.path.join(root, features)
         model.save_pretrained(where)
         with open(os.path.join(where, "preprocessor_config.json"), "w") as f:
