@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -111,6 +111,8 @@ class LatentOptions(TinyOptions):
     scheduler: Literal["ddim", "native"] = "ddim"
     variant: str | None = None
     class_names: list[str] | None = None
+    compile: bool | dict[str, Any] = False  # torch.compile the denoiser (kwargs: mode, backend, ...)
+    channels_last: bool = False
 
 
 class SD15Options(LatentOptions):
@@ -144,6 +146,7 @@ class FeatureOptions(Section):
     gradient_checkpointing: bool = False
     image_size: int | None = Field(None, ge=1)  # default the checkpoint's crop size
     variant: str | None = None
+    compile: bool | dict[str, Any] = False  # torch.compile the model (kwargs: mode, backend, ...)
 
 
 OPTIONS = {"tiny": TinyOptions, "sd15": SD15Options, "sd35m": SD35Options, "dit-xl-2": DiTOptions,
@@ -195,7 +198,10 @@ class DataConfig(Section):
 
 class SamplingConfig(Section):
     steps: int = Field(25, ge=1)
-    shard_size: int = Field(135, ge=1)  # images per shard: one shard is one sampling batch of one class
+    shard_size: int = Field(135, ge=1)  # images per shard, of one class
+    # images per sampling call where a recipe has no progressive_batch: None = the whole shard; "auto" = the
+    # most that fit the actor's share of its GPU (probed once per recipe; the whole shard on a CPU)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     eta: Float = Field(0.0, ge=0)  # DDIM eta; 0 = deterministic given the initial noise
 
 

@@ -11,6 +11,7 @@ derived from the run seed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -117,6 +118,7 @@ class SyntheticProducer:
         self._gaussians: dict = {}  # "means" -> (labels, table); "precisions" -> (C, D, D)
         self._discriminators: dict = {}  # per recipe
         self._guidance: dict = {}  # the energies of the last few shards
+        self._fitted_batch: dict[str, int] = {}  # sampling.batch_size auto, per recipe
 
     def backbone_for(self, recipe: str):
         """The backbone a recipe samples with: the base one, or the base with the recipe's LoRA merged."""
@@ -283,13 +285,56 @@ class SyntheticProducer:
 
         return condition
 
+    def batch_for(self, shard: Shard, backbone, guidance) -> int:
+        """Images per sampling call: the recipe's progressive batch (part of the method), else
+        ``sampling.batch_size``: an int, "auto" (the most that fit the actor's share of its GPU, probed once
+        per recipe), or None (the whole shard)."""
+        recipe = self.cfg.recipes[shard.recipe]
+        size = self.cfg.sampling.batch_size
+        if recipe.progressive_batch:
+            return recipe.progressive_batch
+        if size is None:
+            return shard.num_images
+        if size == "auto":
+            if shard.recipe not in self._fitted_batch:
+                self._fitted_batch[shard.recipe] = self._fit_batch(shard, backbone, guidance)
+            size = self._fitted_batch[shard.recipe]
+        return min(size, shard.num_images)
+
+    def _fit_batch(self, shard: Shard, backbone, guidance, headroom: float = 0.85) -> int:
+        """The largest batch whose peak memory fits ``headroom`` of the actor's share of its GPU: one guided
+        step (every energy on) at batches 1 and 2 gives the per-image memory and the fixed part. On a CPU,
+        the whole shard. A function of the device, the models and the recipe: same device, same batches."""
+        device = getattr(backbone, "device", torch.device("cpu"))
+        cap = self.cfg.sampling.shard_size
+        if device.type != "cuda":
+            return cap
+        recipe = self.cfg.recipes[shard.recipe]
+        probe = [dataclasses.replace(g, every=1, window=(0.0, 1.0)) for g in (guidance or [])]
+        peaks = []
+        for b in (1, 2):
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            sample(backbone, backbone.scheduler, torch.full((b,), shard.label, dtype=torch.long),
+                   torch.Generator().manual_seed(0), 1, cfg_scale=recipe.cfg_scale, guidance=probe,
+                   features=self.features if probe else None, grad_through=recipe.grad_through)
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device))
+        share = min(1.0, self.cfg.executor.num_gpus) if self.cfg.executor.num_gpus > 0 else 1.0
+        budget = torch.cuda.get_device_properties(device).total_memory * share * headroom
+        per_image = max(peaks[1] - peaks[0], 1)
+        fit = int((budget - (peaks[0] - per_image)) // per_image)
+        fit -= fit % 8 if fit >= 8 else 0  # tensor-core friendly
+        return max(1, min(fit, cap))
+
     def sample_shard(self, shard: Shard) -> torch.Tensor:
         recipe = self.cfg.recipes[shard.recipe]
         backbone = self.backbone_for(shard.recipe)
         generator = torch.Generator().manual_seed(shard.seed)
         aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
         guidance = self.guidance_for(shard)
-        step = recipe.progressive_batch or shard.num_images
+        step = self.batch_for(shard, backbone, guidance)
         init_pool = None
         if recipe.init_strength < 1.0:
             init_pool = self._class_pixels(shard.label)

@@ -286,6 +286,23 @@ def test_options_are_checked(folders):
         load_features("clip", str(folders["clip"]), size=3)
 
 
+def test_compile_and_channels_last_options_sample_the_same(folders, backbones):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    b = _load(folders, "sd15", compile={"backend": "eager"}, channels_last=True)
+    assert b.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert b.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1])
+    got = sample(b, b.scheduler, labels, torch.Generator().manual_seed(5), 2, cfg_scale=2.0).images
+    want = sample(backbones["sd15"], backbones["sd15"].scheduler, labels, torch.Generator().manual_seed(5), 2,
+                  cfg_scale=2.0).images
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the denoiser went through dynamo
+    f = load_features("dinov2", str(folders["dinov2"]), compile={"backend": "eager"})
+    assert f(torch.rand(2, 3, 8, 8) * 2 - 1).shape[0] == 2
+
+
 def test_bf16_computes_in_bf16_and_returns_float32(folders):
     b = _load(folders, "dit-xl-2", dtype="bf16", gradient_checkpointing=["decoder", "denoiser"])
     assert b.dtype == torch.bfloat16 and b.transformer.dtype == torch.bfloat16
