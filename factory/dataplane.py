@@ -1,8 +1,8 @@
 """The data plane: pending shard ids stream through a Ray Data actor pool; each call makes one shard.
 
 reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records; the
-accelerator stage) -> writer (a CPU stage: ``finish``, e.g. encoding, then ``ShardSink.commit``, formats
-first, stats marker last). The driver only consumes one small
+accelerator stage) -> writer (``finish``, e.g. encoding, then ``ShardSink.commit``, formats first, stats
+marker last: a CPU stage of the same pipeline behind GPU actors, the actor itself in a CPU pool). The driver only consumes one small
 stats row per shard, so its memory does not grow with the images. Knows nothing of diffusion: the
 producer is any picklable zero-argument factory returning ``producer(shard) -> list[record]``.
 """
@@ -58,10 +58,13 @@ class ShardWorker:
     :class:`ShardFailed` with it on the driver. A worker that dies (preemption) is Ray's to retry.
     """
 
-    def __init__(self, make_producer: Callable, plan: Plan, output: str, formats: list[str], storage_options=None):
+    def __init__(self, make_producer: Callable, plan: Plan, output: str, formats: list[str], storage_options=None,
+                 finish: Callable | None = None, commit: bool = False):
         self.plan = plan
         self.sink = ShardSink(output, formats, storage_options)
         self.producer = make_producer()
+        # commit=True: this actor also finishes and commits (a CPU pool, where a second stage buys nothing)
+        self.committer = ShardCommitter(plan, output, formats, storage_options, finish) if commit else None
 
     def __call__(self, batch: dict) -> dict:
         rows = {"shard_id": [], "records": [], "seconds": [], "skipped": [], "error": []}
@@ -85,7 +88,7 @@ class ShardWorker:
         out = {k: np.asarray(v) for k, v in rows.items() if k != "records"}
         out["records"] = np.empty(len(rows["records"]), dtype=object)
         out["records"][:] = rows["records"]
-        return out
+        return out if self.committer is None else self.committer(out)
 
 
 class _Records:
@@ -177,13 +180,15 @@ def run_shards(
     desc: str = "shards",
     shards_per_call: int = 1,
     finish: Callable | None = None,
+    commit_stage: bool | None = None,
     commit_cpus: float = 0.0,
 ) -> Iterator[dict]:
     """Make ``shard_ids`` of ``plan`` through a Ray Data actor pool; yields one stats row per shard.
 
-    Two stages of one pipeline: the actors (``num_gpus`` each) make records, and CPU tasks
-    (``commit_cpus`` each; 0 shares the actors' nodes) apply ``finish`` and commit them, so the
-    accelerator is not idle while a shard is encoded and uploaded.
+    With ``commit_stage`` (default: when the actors hold GPUs) two stages of one pipeline: the actors make
+    records, and CPU actors (``commit_cpus`` each; 0 shares the actors' nodes) apply ``finish`` and commit
+    them, so the accelerator is not idle while a shard is encoded and uploaded. Without it each actor
+    finishes and commits its own shards: on a CPU pool a second stage would only add processes and copies.
 
     ``shards_per_call`` rows go to one call of an actor (Ray Data's batch). The worker commits each
     shard as it finishes and a retried call skips the committed ones, so a lost actor costs at most
@@ -196,25 +201,29 @@ def run_shards(
     if not shard_ids:
         return
     ds = ray.data.from_items([{"shard_id": int(s)} for s in shard_ids], override_num_blocks=min(len(shard_ids), 200))
+    if commit_stage is None:
+        commit_stage = num_gpus > 0
     ds = ds.map_batches(
         ShardWorker,
         fn_constructor_kwargs=dict(
-            make_producer=make_producer, plan=plan, output=output, formats=formats, storage_options=storage_options
+            make_producer=make_producer, plan=plan, output=output, formats=formats, storage_options=storage_options,
+            finish=finish, commit=not commit_stage,
         ),
         batch_size=shards_per_call,
         compute=ray.data.ActorPoolStrategy(min_size=num_actors[0], max_size=num_actors[1]),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    ds = ds.map_batches(
-        ShardCommitter,
-        fn_constructor_kwargs=dict(
-            plan=plan, output=output, formats=formats, storage_options=storage_options, finish=finish
-        ),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors[1])),
-        num_cpus=commit_cpus,
-    )
+    if commit_stage:
+        ds = ds.map_batches(
+            ShardCommitter,
+            fn_constructor_kwargs=dict(
+                plan=plan, output=output, formats=formats, storage_options=storage_options, finish=finish
+            ),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, num_actors[1])),
+            num_cpus=commit_cpus,
+        )
     images = sum(plan.shard(int(s)).num_images for s in shard_ids)
     with bar(images, desc, unit="img", disable=not progress) as shown:  # images/s and ETA; shards in the postfix
         for done, row in enumerate(ds.iter_rows(), 1):

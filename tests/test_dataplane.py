@@ -81,7 +81,7 @@ def test_the_cpu_stage_encodes_what_the_actors_make(local_ray, tmp_path):
 
     plan, out = _plan(), str(tmp_path)
     finish = functools.partial(encode_images, codec="png")
-    rows = list(run_shards(plan, [0, 1], PixelProducer, out, ["parquet"], (1, 1), finish=finish))
+    rows = list(run_shards(plan, [0, 1], PixelProducer, out, ["parquet"], (1, 1), finish=finish, commit_stage=True))
     assert sorted(r["shard_id"] for r in rows) == [0, 1] and all(r["commit_seconds"] >= 0 for r in rows)
     shard = plan.shard(0)
     table = pq.read_table(ShardSink(out, ["parquet"]).path(shard.recipe, "parquet", shard.name))
@@ -90,7 +90,8 @@ def test_the_cpu_stage_encodes_what_the_actors_make(local_ray, tmp_path):
     assert all(np.array_equal(g, w["image"]) for g, w in zip(got, want)) and len(got) == shard.num_images
 
 
-def test_an_encoder_error_names_the_shard_and_commits_nothing(local_ray, tmp_path):
+@pytest.mark.parametrize("commit_stage", [True, False])
+def test_an_encoder_error_names_the_shard_and_commits_nothing(local_ray, tmp_path, commit_stage):
     import functools
 
     from factory.shards import encode_images
@@ -98,6 +99,6 @@ def test_an_encoder_error_names_the_shard_and_commits_nothing(local_ray, tmp_pat
     plan, out = _plan(), str(tmp_path)
     with pytest.raises(Exception, match=r"shard a/.*unknown image codec 'gif'"):
         list(run_shards(plan, [0], PixelProducer, out, ["parquet"], (1, 1),
-                        finish=functools.partial(encode_images, codec="gif")))
+                        finish=functools.partial(encode_images, codec="gif"), commit_stage=commit_stage))
     sink = ShardSink(out, ["parquet"])
     assert sink.completed("a") == set() and sink.shard_files("a", "parquet") == []
