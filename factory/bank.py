@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from factory.data import quantise, to_pixels
+
 BANK = "_references"
 SPLITS = ("train", "test")
 DISC_MAX_CLASSES = 100  # a discriminator sees at most this many classes (a seeded subsample beyond)
@@ -138,12 +140,7 @@ def _parquet_class(root: str, split: str, label: int) -> np.ndarray:
     return _from_records(records, root, index["class_names"] if index else None).images
 
 
-def as_float(images: np.ndarray):
-    """uint8 (N, H, W) or (N, H, W, 3) -> float32 (N, C, H, W) in [-1, 1], as the sampler's pixels."""
-    import torch
-
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
-    return x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+as_float = to_pixels  # uint8 (N, H, W[, 3]) -> float32 (N, C, H, W) in [-1, 1]: factory.data's one conversion
 
 
 def features_column(images, features, batch: int = 512) -> np.ndarray:
@@ -152,7 +149,7 @@ def features_column(images, features, batch: int = 512) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        q = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+        q = quantise(images)
         return torch.cat([features(q[i:i + batch]) for i in range(0, len(q), batch)]).float().cpu().numpy()
 
 

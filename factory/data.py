@@ -59,8 +59,33 @@ class RealSet:
 
     def to_float(self) -> "np.ndarray":
         """Images as float32 in [-1, 1], channels first: (N, C, H, W)."""
-        x = self.images.astype(np.float32) / 127.5 - 1.0
-        return x[:, None] if self.mode == "L" else x.transpose(0, 3, 1, 2)
+        return to_pixels(self.images).numpy()
+
+
+# --- the one conversion between stored images and the sampler's pixels (torch imported when used) ----------
+
+
+def to_pixels(images):
+    """uint8 (N, H, W) or (N, H, W, 3), numpy or torch -> float32 torch (N, C, H, W) in [-1, 1]."""
+    import torch
+
+    x = (torch.from_numpy(images) if isinstance(images, np.ndarray) else images).float() / 127.5 - 1.0
+    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+
+
+def quantise(pixels):
+    """Pixels in [-1, 1] rounded to the 256 levels a stored uint8 image holds, still float in [-1, 1]."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+
+
+def to_uint8(pixels) -> np.ndarray:
+    """Pixels in [-1, 1], (B, C, H, W) -> uint8 (B, H, W) for one channel, (B, H, W, 3) for three.
+
+    Quantised where the pixels are (the GPU): only uint8 crosses to the host."""
+    import torch
+
+    x = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
 def load_real(source: str, split: str, root: str | None = None) -> RealSet:

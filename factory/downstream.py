@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.config import RESNETS, DownstreamConfig
-from factory.data import RealSet, decode_image, load_real
+from factory.data import RealSet, decode_image, load_real, to_pixels
 
 CHECKPOINT_FILE = "state.pt"
 DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
@@ -279,10 +279,6 @@ def held_batches(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed
         yield {"image": images[idx], "label": labels[idx]}
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W[, 3]) -> float32 (B, C, H, W) in [-1, 1], like ``RealSet.to_float``."""
-    x = images.float() / 127.5 - 1.0
-    return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
 def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -318,7 +314,7 @@ def _evaluate(model: nn.Module, config: dict, rank: int, world: int, device: tor
         with torch.no_grad():
             for batch in _test_batches(config, device):
                 y = batch["label"]
-                hit = (model(to_float(batch["image"])).argmax(1) == y).double()
+                hit = (model(to_pixels(batch["image"])).argmax(1) == y).double()
                 counts[0].index_add_(0, y, hit)
                 counts[1].index_add_(0, y, torch.ones_like(hit))
     if world > 1 and dist.is_initialized():
@@ -404,7 +400,7 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             t = min(1.0, (epoch + i / steps) / epochs)  # cosine schedule over the whole run
             for group in opt.param_groups:
                 group["lr"] = config["lr"] * 0.5 * (1.0 + math.cos(math.pi * t))
-            x = _random_crop(to_float(batch["image"]), pad, gen).to(device)
+            x = _random_crop(to_pixels(batch["image"]), pad, gen).to(device)
             y = batch["label"].to(device)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)

@@ -18,19 +18,11 @@ import numpy as np
 import torch
 
 from factory.backbones import load_backbone, load_features
-from factory.config import CODECS, Config, EnergyConfig, from_dict
-from factory.data import load_real
+from factory.config import Config, EnergyConfig, from_dict
+from factory.data import load_real, to_uint8
 from factory.plan import Shard, shard_seed
 from factory.shards import encode_images
 from factory.sampler import Guidance, sample
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Pixels in [-1, 1], (B, C, H, W) -> uint8 (B, H, W) for one channel, (B, H, W, 3) for three.
-
-    Quantised where the images are (the GPU): only uint8 crosses to the host."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
 def build_backbone(cfg: Config, train, lora: str | None = None):

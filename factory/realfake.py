@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from factory.data import to_pixels
 from factory.lora import ADAPTER_FILES
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -199,9 +199,6 @@ def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63)
 
 
-def _to_float(images: np.ndarray, mode: str) -> torch.Tensor:
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
-    return x[:, None] if mode == "L" else x.permute(0, 3, 1, 2).contiguous()
 
 
 def _models(config: dict):
@@ -248,7 +245,7 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
 
-    images = _to_float(config["images"], config["mode"])
+    images = to_pixels(config["images"])
     labels = torch.tensor(config["labels"], dtype=torch.long)
     real_feats = embed(features, images)
     n, batch = len(labels), min(ft["batch_size"], len(labels))

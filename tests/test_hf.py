@@ -1,6 +1,5 @@
 """Hugging Face-native output: the Parquet Image struct + ClassLabel, the dataset card, the codec choice."""
 
-import io
 import json
 import os
 
