@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from factory.guidance.chamfer import pairwise_sq_dists
+
 
 def _t(x) -> torch.Tensor:
     x = torch.as_tensor(x)
@@ -28,10 +30,8 @@ def _t(x) -> torch.Tensor:
 
 
 def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (len(a), len(b)) in float64, clamped at 0."""
-    a, b = a.double(), b.to(a.device, torch.float64)
-    d = a @ b.T
-    return d.mul_(-2.0).add_(a.pow(2).sum(1, keepdim=True)).add_(b.pow(2).sum(1)).clamp_min_(0.0)
+    """Squared Euclidean distances (len(a), len(b)) in float64, clamped at 0 (the guidance's own, centred)."""
+    return pairwise_sq_dists(a.double(), b.to(a.device, torch.float64))
 
 
 def _blocks(a: torch.Tensor, b: torch.Tensor, chunk: int):

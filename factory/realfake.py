@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.data import to_pixels
+from factory.guidance.chamfer import pairwise_sq_dists
 from factory.lora import ADAPTER_FILES
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -69,16 +70,10 @@ MMD_MIN_ALPHA_BAR = 0.05  # the MMD term uses samples with ᾱ_t at least this (
 # --- MMD ------------------------------------------------------------------------------------------
 
 
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances (differentiable at zero distance, unlike ``cdist``)."""
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return d.clamp_min(0.0)
-
-
 def median_bandwidths(feats: torch.Tensor, scales=MMD_SCALES) -> list[float]:
     """σ² = scale × the median of the off-diagonal pairwise squared distances of ``feats`` (detached)."""
     f = feats.detach().float()
-    d = _sq_dists(f, f)
+    d = pairwise_sq_dists(f, f)
     off = d[~torch.eye(len(f), dtype=torch.bool, device=f.device)]
     med = float(off.median()) if off.numel() else 1.0
     med = med if med > 0 else 1.0
@@ -98,7 +93,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: list[float] | None = None
     x, y = x.float(), y.float()
 
     def k(a, b):
-        d = _sq_dists(a, b)
+        d = pairwise_sq_dists(a, b)
         return torch.stack([torch.exp(-d / (2.0 * s)) for s in bandwidths]).mean(0)
 
     return k(x, x).mean() + k(y, y).mean() - 2.0 * k(x, y).mean()
