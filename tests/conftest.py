@@ -124,3 +124,17 @@ def tiny_run(local_ray, tmp_path_factory):
     out = str(tmp / "out")
     assert main(["run", str(config), "--output", out, "--quiet"]) == 0
     return str(config), out
+
+
+# Tests that start processes (a local Ray, the S3 endpoint, a browser, a CLI run) are integration tests;
+# the rest are unit tests: `pytest -m "not integration"` is the quick loop, plain `pytest` runs both.
+INTEGRATION_FIXTURES = {"local_ray", "local_ray_env", "s3", "tiny_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses = INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if uses or item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)

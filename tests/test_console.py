@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from factory.console import summary_table
@@ -34,6 +35,7 @@ CHATTER = [
 ]
 
 
+@pytest.mark.integration
 def test_quiet_console_shows_bars_and_a_summary_table(tmp_path):
     config = tmp_path / "console.yaml"
     config.write_text(yaml.safe_dump(TINY))

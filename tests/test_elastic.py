@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import psutil
+import pytest
 
 from factory.plan import Plan, RecipePlan
 from factory.shards import ShardSink
@@ -73,6 +74,7 @@ def _actors_in_session(sid: int) -> list[int]:
     return found
 
 
+@pytest.mark.integration
 def test_worker_node_joins_and_is_preempted_mid_run(tmp_path):
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

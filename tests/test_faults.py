@@ -8,6 +8,7 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from factory.dataplane import pending_shards, run_shards
 from factory.plan import Plan, RecipePlan
@@ -90,10 +91,14 @@ for row in run_shards(plan, pending_shards(plan, sink), SlowProducer, {out!r}, [
 """
 
 
+@pytest.mark.integration
 def test_killed_driver_resumes_without_rewriting(tmp_path):
     out = str(tmp_path / "out")
     script = DRIVER.format(tests=os.path.dirname(__file__), out=out)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the driver's Ray workers import SlowProducer from this module by name (sys.path does not reach them)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     seen = 0

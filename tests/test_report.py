@@ -394,6 +394,7 @@ def _chromium(*args, tmp):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp)
 
 
+@pytest.mark.integration
 def test_renders_in_headless_chromium(run_dir, tmp_path, system_package):
     system_package("chromium", CHROMIUM is not None, "the report is rendered headless")
     path, _, _, _ = run_dir

@@ -82,6 +82,7 @@ def cluster(tmp_path):
                 os.environ[k] = v
 
 
+@pytest.mark.integration
 def test_ray_job_submit_lands_the_run_on_s3(cluster, tmp_path):
     address, env, ray_bin = cluster
     workdir = tmp_path / "job"
