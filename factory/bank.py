@@ -103,9 +103,9 @@ def _label_index(root: str, split: str) -> tuple:
     process: a class then reads only the row groups that can hold it, not every file of the split."""
     import pyarrow.parquet as pq
 
-    from factory.data import _shard_files
+    from factory.data import shard_files
 
-    fs, files = _shard_files(root, ".parquet", split)
+    fs, files = shard_files(root, ".parquet", split)
     groups = []
     for f in files:
         with fs.open(f, "rb") as fh:

@@ -197,9 +197,11 @@ def _imagefolder(root: str, split: str) -> RealSet:
     return RealSet(images, np.asarray(labels, dtype=np.int64), class_names, mode)
 
 
-def _shard_files(root: str, suffix: str, split: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+def shard_files(root: str, suffix: str, split: str | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(filesystem, sorted paths) of the ``suffix`` files under ``root`` (a file, or a folder searched
+    recursively; its ``split`` subfolder when there is one); a clear error when there are none."""
     fs, path = fsspec.core.url_to_fs(root)
-    if fs.isdir(f"{path}/{split}"):
+    if split is not None and fs.isdir(f"{path}/{split}"):
         path = f"{path}/{split}"
     if fs.isfile(path):
         return fs, [path]
@@ -245,7 +247,7 @@ def _parquet(root: str, split: str) -> RealSet:
         fs, path = fsspec.core.url_to_fs(root)
         if not fs.isdir(f"{path.rstrip('/')}/{split}"):
             raise DataError(f"{root} has no {split} split (see its {CLASS_INDEX}; factory prepare --test-fraction)")
-    fs, files = _shard_files(root, ".parquet", split)
+    fs, files = shard_files(root, ".parquet", split)
     records = []
     for f in files:
         table = pq.read_table(f, filesystem=fs, columns=["key", "image", "label", "class_name"])
@@ -255,7 +257,7 @@ def _parquet(root: str, split: str) -> RealSet:
 
 
 def _webdataset(root: str, split: str) -> RealSet:
-    fs, files = _shard_files(root, ".tar", split)
+    fs, files = shard_files(root, ".tar", split)
     records = []
     for f in files:
         samples: dict[str, dict[str, bytes]] = {}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factory.config import RESNETS, DownstreamConfig
-from factory.data import RealSet, decode_image, load_real, to_pixels
+from factory.data import RealSet, decode_image, load_real, shard_files, to_pixels
 
 CHECKPOINT_FILE = "state.pt"
 DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
@@ -215,15 +215,10 @@ def scaling_config(cfg: DownstreamConfig, cluster_cpus: float):
 
 def parquet_files(paths: str | list[str]) -> list[str]:
     """Every Parquet file of ``paths`` (files or folders; any fsspec URI) as URIs, in sorted order."""
-    import fsspec
-
     out = []
     for p in [paths] if isinstance(paths, str) else paths:
-        fs, path = fsspec.core.url_to_fs(p)
-        if fs.isdir(path):
-            out += [fs.unstrip_protocol(f) for f in sorted(fs.glob(f"{path.rstrip('/')}/**/*.parquet"))]
-        else:
-            out.append(p)
+        fs, files = shard_files(p, ".parquet")
+        out += [fs.unstrip_protocol(f) for f in files]
     return out
 
 
