@@ -4,8 +4,8 @@
 DINOv2-L saved as folders and loaded by the real ``from_pretrained`` path, a generated 256 px real set) for
 a few classes on one GPU actor, through the real references and sample stages on a local Ray, and reads
 the device's own utilisation counter (NVML, the figure ``nvidia-smi`` shows) every 0.1 s. Prints and
-returns the busy share of the sampling stage's wall time, and per shard the GPU stage's and the CPU
-(encode + commit) stage's seconds. Needs a GPU; issue 10's target is >= 90 %.
+returns the busy share of the sampling stage's wall time, and the GPU stage's and the CPU (encode +
+commit) stage's seconds summed over the shards. Needs a GPU; issue 10's target is >= 90 %.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
     marker = json.load(open(os.path.join(output, "_stages", "sample.json")))
     stats = [json.load(open(os.path.join(output, recipe, "_stats", f))) for f in
              sorted(os.listdir(os.path.join(output, recipe, "_stats")))]
-    result = {"device": torch.cuda.get_device_name() if gpu else "cpu", "size": size, "job": args.job, "classes": len(names),
+    result = {"device": torch.cuda.get_device_name() if gpu else "cpu", "size": size, "job": args.job,
+              "classes": len(names),
               "images": marker.get("images"), "shards": marker["shards"], "setup_s": round(setup_s, 1),
               "sample_stage_s": round(t_end - t_start, 1), "sampling_seconds": marker.get("sampling_seconds"),
               "make_seconds": marker.get("make_seconds"), "commit_seconds": marker.get("commit_seconds"),

@@ -73,9 +73,14 @@ def to_pixels(images):
     return x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
+def _levels(pixels):
+    """Pixels in [-1, 1] -> the 0..255 levels a stored uint8 image holds (still float, where the pixels are)."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round()
+
+
 def quantise(pixels):
     """Pixels in [-1, 1] rounded to the 256 levels a stored uint8 image holds, still float in [-1, 1]."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+    return _levels(pixels) / 127.5 - 1.0
 
 
 def to_uint8(pixels) -> np.ndarray:
@@ -84,7 +89,7 @@ def to_uint8(pixels) -> np.ndarray:
     Quantised where the pixels are (the GPU): only uint8 crosses to the host."""
     import torch
 
-    x = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    x = _levels(pixels).to(torch.uint8).cpu().numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 

@@ -1,8 +1,8 @@
 """The data plane: pending shard ids stream through a Ray Data actor pool; each call makes one shard.
 
-reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records; the
-accelerator stage) -> writer (``finish``, e.g. encoding, then ``ShardSink.commit``, formats first, stats
-marker last: a CPU stage of the same pipeline behind GPU actors, the actor itself in a CPU pool). The driver only consumes one small
+reader (pending shard ids) -> worker (a producer loaded once per actor makes a shard's records) -> writer
+(``finish``, e.g. encoding, then ``ShardSink.commit``: formats first, stats marker last; a CPU stage of the
+same pipeline behind GPU actors, the actor itself in a CPU pool). The driver only consumes one small
 stats row per shard, so its memory does not grow with the images. Knows nothing of diffusion: the
 producer is any picklable zero-argument factory returning ``producer(shard) -> list[record]``.
 """
@@ -51,8 +51,9 @@ class ShardFailed(RuntimeError):
 class ShardWorker:
     """Ray Data callable class (the accelerator stage): builds its producer once, then makes one shard per row.
 
-    It only makes records: they travel to :class:`ShardCommitter`, a CPU stage of the same pipeline, so
-    encoding and upload of one shard overlap the making of the next. A producer that raises (bad input,
+    Behind a GPU it only makes records: they travel to :class:`ShardCommitter`, a CPU stage of the same
+    pipeline, so encoding and upload of one shard overlap the making of the next (``commit=True``: it runs
+    the committer itself, as a CPU pool does). A producer that raises (bad input,
     NaN during sampling) does not raise through Ray, whose wrappers keep the original error only as
     traceback text: the row carries ``error`` ("Type: message"), and :func:`run_shards` raises
     :class:`ShardFailed` with it on the driver. A worker that dies (preemption) is Ray's to retry.
