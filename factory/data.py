@@ -4,7 +4,7 @@ Every source returns a `RealSet`: uint8 images (N, H, W) for mode "L" or (N, H, 
 int64 labels, and the class names indexed by label. Splits are fixed:
 
 - ``digits``: scikit-learn's embedded 8x8 digits, split by
-  ``train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)``.
+  ``train_test_split(X, y, test_size=0.25, stratify=y, random_state=0)`` (kept in ``~/.cache/factory``).
 - ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` files (its own 60k/10k split).
 - ``imagefolder``: ``root/<split>/<class_name>/*.png|jpg`` (or ``root/<class_name>/...`` when the
   root has no split folders), local or on object storage through fsspec.
@@ -21,6 +21,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 
 import fsspec
 import numpy as np
@@ -112,6 +113,29 @@ def load_real(source: str, split: str, root: str | None = None) -> RealSet:
 
 
 def _digits(split: str) -> RealSet:
+    images, labels, names = _digits_split(split)
+    return RealSet(images, labels, names, "L")
+
+
+def digits_cache_dir() -> str:
+    """Where the digits split is kept: ``$FACTORY_CACHE``, else ``$XDG_CACHE_HOME/factory`` (~/.cache/factory)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("FACTORY_CACHE") or os.path.join(base, "factory")
+
+
+@lru_cache(maxsize=2)
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's digits split, kept as .npz (keyed by scikit-learn's version) once made: importing
+    sklearn.datasets and sklearn.model_selection costs ~2 s, paid by every process that reads the quickstart's
+    set (the driver, the embedding actors, the classifiers' workers) and by every CLI call."""
+    from importlib.metadata import version
+
+    path = os.path.join(digits_cache_dir(), f"digits-sklearn-{version('scikit-learn')}-{split}.npz")
+    try:
+        with np.load(path) as z:
+            return z["images"], z["labels"], [str(n) for n in z["names"]]
+    except (OSError, KeyError, ValueError):  # not made yet, or unreadable: made again
+        pass
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -121,7 +145,16 @@ def _digits(split: str) -> RealSet:
     )
     x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
     images = np.round(x.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
-    return RealSet(images, y.astype(np.int64), [str(c) for c in d.target_names], "L")
+    labels, names = y.astype(np.int64), [str(c) for c in d.target_names]
+    try:  # written whole, then renamed: a reader never sees half a file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels, names=np.asarray(names))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the set still loads, from scikit-learn each time
+        pass
+    return images, labels, names
 
 
 def _read_idx(path: str) -> np.ndarray:

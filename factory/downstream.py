@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 
 from functools import lru_cache
 from typing import NamedTuple
@@ -380,6 +381,7 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
     else:
         shard = ray.train.get_dataset_shard(name)
     for epoch in range(start, epochs):
+        began = time.perf_counter()
         model.train()
         gen.manual_seed(config["seed"] + rank + 1000 * epoch)  # augmentation: the same on a resumed run
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
@@ -405,7 +407,8 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             loss_sum[1] += len(y)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(loss_sum)
-        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1))})
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                        "seconds": round(time.perf_counter() - began, 2)})  # its training, on this worker
         if epoch + 1 == epochs:  # judged once, at the end: every pass over the test set is a Ray Data execution
             if world > 1 and dist.is_initialized():  # every worker holds rank 0's BatchNorm statistics
                 for b in net.buffers():

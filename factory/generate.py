@@ -48,31 +48,37 @@ def embed(features, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
     return torch.cat([features(images[i: i + batch]) for i in range(0, len(images), batch)])
 
 
-def train_discriminator(cfg: Config, recipe: str, backbone, features, classes: list[int], real_features):
-    """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001), trained once per recipe.
-
-    Real side: ``real_features(label)`` of each of ``classes`` (at most ``bank.DISC_REAL_PER_CLASS`` each);
-    synthetic side: ``baseline_per_class`` samples of each with plain CFG at the recipe's scale, seeded per
-    class. ``classes`` is at most ``bank.DISC_MAX_CLASSES`` of the run's (``bank.discriminator_classes``), so
-    the memory is bounded whatever the number of classes. Deterministic: seeded sampling and fit, CPU fit.
-    """
-    from factory import guidance
-    from factory.bank import discriminator_real
-
+def sample_baseline(cfg: Config, recipe: str, backbone, features, classes: list[int]) -> torch.Tensor:
+    """The synthetic side of the low-density discriminator: ``baseline_per_class`` samples of each of ``classes``
+    with plain CFG at the recipe's scale, seeded per class, as features (len(classes) * per_class, D). Needs no
+    reference bank, so the references stage samples it while it embeds the real set."""
     r = cfg.recipes[recipe]
     (e,) = [e for e in r.energies if e.name == "lowdensity"]
     per_class = e.params.baseline_per_class
-    fakes, reals = [], []
+    fakes = []
     for label in classes:
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, f"{recipe}/baseline", label, 0))
         labels = torch.full((per_class,), label, dtype=torch.long)
         images = sample(backbone, backbone.scheduler, labels, g, cfg.sampling.steps, cfg_scale=r.cfg_scale,
                         eta=cfg.sampling.eta).images
         fakes.append(embed(features, images).float().cpu())
-        reals.append(discriminator_real(real_features(label), cfg.seed, recipe, label))
-    real = torch.cat(reals)
+    return torch.cat(fakes)
+
+
+def fit_discriminator(cfg: Config, recipe: str, fakes: torch.Tensor, classes: list[int], real_features):
+    """Real-vs-synthetic feature discriminator for the low-density beta term (paper 001), trained once per recipe.
+
+    Real side: ``real_features(label)`` of each of ``classes`` (at most ``bank.DISC_REAL_PER_CLASS`` each);
+    synthetic side: ``fakes`` from :func:`sample_baseline`. ``classes`` is at most ``bank.DISC_MAX_CLASSES`` of
+    the run's (``bank.discriminator_classes``), so the memory is bounded whatever the number of classes.
+    Deterministic: seeded sampling and fit, CPU fit.
+    """
+    from factory import guidance
+    from factory.bank import discriminator_real
+
+    real = torch.cat([discriminator_real(real_features(label), cfg.seed, recipe, label) for label in classes])
     disc = guidance.FeatureDiscriminator(real.shape[1])
-    return disc.fit(real, torch.cat(fakes), seed=cfg.seed)
+    return disc.fit(real, fakes, seed=cfg.seed)
 
 
 class SyntheticProducer:
@@ -233,7 +239,7 @@ class SyntheticProducer:
 
     def _discriminator(self, recipe: str):
         """The recipe's discriminator: the bank's (trained once by the references stage), or, standing alone,
-        trained here the same way (:func:`train_discriminator`)."""
+        trained here the same way (:func:`sample_baseline`, :func:`fit_discriminator`)."""
         from factory.bank import discriminator_classes
 
         if recipe not in self._discriminators:
@@ -241,8 +247,8 @@ class SyntheticProducer:
                 disc = self.bank.discriminator(recipe)
             else:
                 classes = discriminator_classes(self._trained_classes(), self.cfg.seed, recipe)
-                disc = train_discriminator(self.cfg, recipe, self.backbone_for(recipe), self.features, classes,
-                                           self._class_features)
+                fakes = sample_baseline(self.cfg, recipe, self.backbone_for(recipe), self.features, classes)
+                disc = fit_discriminator(self.cfg, recipe, fakes, classes, self._class_features)
             self._discriminators[recipe] = disc.to(self.backbone.device).eval().requires_grad_(False)
         return self._discriminators[recipe]
 

@@ -303,6 +303,17 @@ def test_compile_and_channels_last_options_sample_the_same(folders, backbones):
     assert f(torch.rand(2, 3, 8, 8) * 2 - 1).shape[0] == 2
 
 
+def test_tiny_unet_is_channels_last_by_default_and_samples_the_same(folders):
+    fast = load_backbone("tiny", str(folders["tiny"]), (8, 8))
+    plain = load_backbone("tiny", str(folders["tiny"]), (8, 8), channels_last=False)
+    conv = (b.unet.down_blocks[0].resnets[0].conv1.weight for b in (fast, plain))
+    assert [w.is_contiguous(memory_format=torch.channels_last) for w in conv] == [True, False]
+    labels = torch.tensor([0, 1, 2])
+    got, want = (sample(b, b.scheduler, labels, torch.Generator().manual_seed(3), 3, cfg_scale=2.0).images
+                 for b in (fast, plain))
+    assert torch.allclose(got, want, atol=1e-4)
+
+
 def test_bf16_computes_in_bf16_and_returns_float32(folders):
     b = _load(folders, "dit-xl-2", dtype="bf16", gradient_checkpointing=["decoder", "denoiser"])
     assert b.dtype == torch.bfloat16 and b.transformer.dtype == torch.bfloat16

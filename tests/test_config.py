@@ -66,7 +66,7 @@ def test_quickstart_config_validates():
         ({"sampling": {"eta": "fast"}}, "sampling.eta: expected a finite number, got 'fast'"),
         # backbone and feature-space options are checked against the backbone's and the feature space's
         ({"backbone": {"name": "tiny", "options": {"dtype": "fp32"}}},
-         "unknown key backbone.options.'dtype'; allowed keys: lora, mode"),
+         "unknown key backbone.options.'dtype'; allowed keys: channels_last, lora, mode"),
         ({"backbone": {"name": "sd15", "checkpoint": "x", "options": {"dtype": "fp8"}}},
          "backbone.options.dtype: unknown value 'fp8'"),
         ({"backbone": {"name": "sd15", "checkpoint": "x", "options": {"prompt_template": "a {name}"}}},

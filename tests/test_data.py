@@ -15,6 +15,33 @@ def test_digits_split_is_fixed_and_stratified():
     assert np.array_equal(again.images, train.images)
 
 
+def test_digits_split_is_kept_in_the_cache_and_remade_when_unreadable(tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from factory import data
+
+    monkeypatch.setenv("FACTORY_CACHE", str(tmp_path))
+    data._digits_split.cache_clear()
+    made = load_real("digits", "test")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("digits-sklearn-") and files[0].endswith("-test.npz")
+    d = load_digits()
+    want = train_test_split(d.data, d.target, test_size=0.25, stratify=d.target, random_state=0)[1]
+    assert np.array_equal(made.images, np.round(want.reshape(-1, 8, 8) * 255 / 16).astype(np.uint8))
+    (tmp_path / files[0]).write_bytes(b"half a file")
+    data._digits_split.cache_clear()
+    again = load_real("digits", "test")  # from scikit-learn again, and the file rewritten
+    assert np.array_equal(again.images, made.images) and again.class_names == made.class_names
+    rewritten = (tmp_path / files[0]).stat()
+    assert rewritten.st_size > 1000
+    data._digits_split.cache_clear()
+    cached = load_real("digits", "test")  # from the file, which stays as it is
+    assert np.array_equal(cached.images, made.images) and np.array_equal(cached.labels, made.labels)
+    assert (tmp_path / files[0]).stat().st_mtime_ns == rewritten.st_mtime_ns
+    data._digits_split.cache_clear()
+
+
 def test_fashion_mnist_from_debian_package(system_package):
     try:
         train = load_real("fashion_mnist", "test")

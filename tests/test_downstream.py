@@ -201,6 +201,7 @@ def test_real_only_training_beats_chance(real_runs):
     assert result["test_counts"]["images"] == np.bincount(load_real("digits", "test").labels).tolist()
     assert sum(result["test_counts"]["correct"]) / 450 == result["accuracy"]
     assert result["history"][-1]["loss"] < result["history"][0]["loss"] < 2.3  # ln(10) = 2.30 at chance
+    assert all(h["seconds"] > 0 for h in result["history"])  # each epoch's training time, for the log
 
 
 def test_rerun_resumes_from_the_latest_checkpoint(real_runs):

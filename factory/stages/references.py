@@ -3,8 +3,8 @@ statistic guidance needs fitted once, written as the reference bank (layout and 
 
 Per class, in a Ray Data actor pool (GPUs when the config has them): its features, its Gaussian (mean and
 covariance) and, for each recipe with an OT or Chamfer energy, its K-means measure or its k references. Then
-one task gathers the class means table and the ridge scale, and one task per low-density recipe trains its
-discriminator. Sampling actors load only the fitted targets of the classes they make, scoring reads the test
+one task gathers the class means table and the ridge scale, and one task per low-density recipe fits its
+discriminator on a plain-CFG baseline, which another task samples while the real set is embedded. Sampling actors load only the fitted targets of the classes they make, scoring reads the test
 features class by class, and nothing re-embeds or refits after this stage. A rerun skips every file that exists;
 a bank made for other data or another feature space is refused, not silently reused, and so is a discriminator
 whose baseline would now be sampled differently.
@@ -132,24 +132,33 @@ def discriminator_made_for(cfg, recipe: str, adapter: str | None) -> dict:
                                   "steps": cfg.sampling.steps, "eta": cfg.sampling.eta}))
 
 
-def train_discriminator_task(config: dict, output: str, recipe: str, adapter: str | None,
-                             storage_options: dict | None = None) -> dict:
-    """A task: the recipe's low-density discriminator, trained once on the bank's train features against the
-    backbone's plain-CFG baseline (see :func:`factory.generate.train_discriminator` for its bounded size)."""
+def baseline_task(config: dict, recipe: str, adapter: str | None, info: RealInfo, classes: list[int]):
+    """A task: the recipe's plain-CFG baseline features (:func:`factory.generate.sample_baseline`); it reads no
+    bank, so it runs while the bank is being embedded."""
     import torch
 
     from factory.config import from_dict
-    from factory.generate import build_backbone, build_features, train_discriminator
+    from factory.generate import build_backbone, build_features, sample_baseline
+
+    cfg = from_dict(config)
+    torch.set_num_threads(cfg.executor.torch_threads)
+    return sample_baseline(cfg, recipe, build_backbone(cfg, info, lora=adapter), build_features(cfg), classes)
+
+
+def discriminator_task(config: dict, output: str, recipe: str, adapter: str | None, classes: list[int], fakes,
+                       storage_options: dict | None = None) -> dict:
+    """A task: the recipe's low-density discriminator, fitted on the bank's train features against its
+    baseline ``fakes`` (see :func:`factory.generate.fit_discriminator` for its bounded size), then written."""
+    import torch
+
+    from factory.config import from_dict
+    from factory.generate import fit_discriminator
     from factory.shards import ShardSink
 
     cfg = from_dict(config)
     torch.set_num_threads(cfg.executor.torch_threads)
     bank = ReferenceBank(output, storage_options)
-    info, labels = bank.info(), bank.meta()["labels"]
-    classes = discriminator_classes([c for c in labels if info.counts["train"][c]], cfg.seed, recipe)
-    backbone = build_backbone(cfg, info, lora=adapter)
-    disc = train_discriminator(cfg, recipe, backbone, build_features(cfg), classes,
-                               lambda c: bank.features("train", c))
+    disc = fit_discriminator(cfg, recipe, fakes, classes, lambda c: bank.features("train", c))
     buf = io.BytesIO()
     torch.save({k: v.cpu() for k, v in disc.state_dict().items()}, buf)
     sink = ShardSink(output, [], storage_options)
@@ -160,15 +169,18 @@ def train_discriminator_task(config: dict, output: str, recipe: str, adapter: st
     return done
 
 
-def train_discriminators(cfg, output: str, adapters: dict[str, str] | None = None,
-                         storage_options: dict | None = None) -> list[str]:
-    """Train, in parallel Ray tasks, the discriminator of every low-density recipe that has none yet and can
-    sample now (no ``finetune``, or its adapter in ``adapters``). Returns the recipes trained."""
+def start_discriminators(cfg, output: str, info: RealInfo, labels: list[int], adapters: dict[str, str] | None = None,
+                         storage_options: dict | None = None) -> list[tuple]:
+    """Start, in parallel Ray tasks, the baseline sampling of every low-density recipe that has no discriminator
+    yet and can sample now (no ``finetune``, or its adapter in ``adapters``); ``labels`` are the bank's classes.
+    Returns what :func:`finish_discriminators` fits; a discriminator made for another baseline is refused."""
     import ray
 
     bank = ReferenceBank(output, storage_options)
     adapters = adapters or {}
-    todo = []
+    started = []
+    ex = cfg.executor
+    task = ray.remote(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus)(baseline_task)
     for recipe in lowdensity_recipes(cfg):
         if cfg.recipes[recipe].finetune is not None and recipe not in adapters:
             continue  # sampled with its LoRA adapter: trained once that exists (call again after fine-tuning)
@@ -181,11 +193,30 @@ def train_discriminators(cfg, output: str, adapters: dict[str, str] | None = Non
                                  f"{done['made_for']}, not this run's {want}: use another --output, or delete that "
                                  "folder to retrain it")
             continue
-        todo.append((recipe, adapter))
+        classes = discriminator_classes([c for c in labels if info.counts["train"][c]], cfg.seed, recipe)
+        started.append((recipe, adapter, classes, task.remote(cfg.to_dict(), recipe, adapter, info, classes)))
+    return started
+
+
+def finish_discriminators(cfg, output: str, started: list[tuple], storage_options: dict | None = None) -> list[str]:
+    """Fit and write the discriminators :func:`start_discriminators` started (the bank's train features must be
+    complete). Returns the recipes trained."""
+    import ray
+
     ex = cfg.executor
-    task = ray.remote(num_cpus=ex.num_cpus, num_gpus=ex.num_gpus)(train_discriminator_task)
-    ray.get([task.remote(cfg.to_dict(), output, recipe, adapter, storage_options) for recipe, adapter in todo])
-    return [recipe for recipe, _ in todo]
+    task = ray.remote(num_cpus=ex.num_cpus)(discriminator_task)
+    ray.get([task.remote(cfg.to_dict(), output, recipe, adapter, classes, fakes, storage_options)
+             for recipe, adapter, classes, fakes in started])
+    return [recipe for recipe, *_ in started]
+
+
+def train_discriminators(cfg, output: str, adapters: dict[str, str] | None = None,
+                         storage_options: dict | None = None) -> list[str]:
+    """Train the discriminator of every low-density recipe that has none yet and can sample now, on a complete
+    bank. Returns the recipes trained."""
+    bank = ReferenceBank(output, storage_options)
+    started = start_discriminators(cfg, output, bank.info(), bank.meta()["labels"], adapters, storage_options)
+    return finish_discriminators(cfg, output, started, storage_options)
 
 
 def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], storage_options: dict | None = None,
@@ -221,6 +252,9 @@ def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], st
                                      or any(f"c{c:05d}.npz" not in have for have in targets))
 
     items = [{"split": s, "label": int(c)} for s in SPLITS for c in labels if info.counts[s][c] > 0 and pending(s, c)]
+    # the discriminators' baselines need no bank: sampled while the real set is embedded
+    discriminators = start_discriminators(cfg, output, info, meta["labels"] if meta else sorted(set(labels)),
+                                          adapters, storage_options)
     if items:
         ex = cfg.executor
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 200)).map_batches(
@@ -237,5 +271,5 @@ def build_reference_bank(cfg, output: str, info: RealInfo, labels: list[int], st
         meta = {"signature": signature, "class_names": info.class_names, "size": list(info.size), "mode": info.mode,
                 "counts": info.counts, "labels": sorted(set(labels)), **summary}
         ShardSink(output, [], storage_options).put(bank.meta_path, json.dumps(meta, indent=1).encode())
-    train_discriminators(cfg, output, adapters, storage_options)
+    finish_discriminators(cfg, output, discriminators, storage_options)
     return meta
