@@ -4,8 +4,9 @@ statistic guidance needs fitted once, written as the reference bank (layout and 
 Per class, in a Ray Data actor pool (GPUs when the config has them): its features, its Gaussian (mean and
 covariance) and, for each recipe with an OT or Chamfer energy, its K-means measure or its k references. Then
 one task gathers the class means table and the ridge scale, and one task per low-density recipe fits its
-discriminator on a plain-CFG baseline, which another task samples while the real set is embedded. Sampling actors load only the fitted targets of the classes they make, scoring reads the test
-features class by class, and nothing re-embeds or refits after this stage. A rerun skips every file that exists;
+discriminator on a plain-CFG baseline, which another task samples while the real set is embedded. Sampling
+actors load only the fitted targets of the classes they make, scoring reads the test features class by class,
+and nothing re-embeds or refits after this stage. A rerun skips every file that exists;
 a bank made for other data or another feature space is refused, not silently reused, and so is a discriminator
 whose baseline would now be sampled differently.
 """
