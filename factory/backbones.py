@@ -700,7 +700,8 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
     options = dict(options)
     lora = options.pop("lora", None)
     compile_with = _compile_kwargs(options.pop("compile", False))
-    channels_last = bool(options.pop("channels_last", name == "tiny"))
+    channels_last = options.pop("channels_last", None)
+    channels_last = name == "tiny" if channels_last is None else bool(channels_last)  # measured on CPU only
     if name == "tiny":
         options.pop("mode", None)  # the tiny UNet already works in the real set's channels
         _no_more(options, "tiny")

@@ -99,7 +99,7 @@ def _checkpointing(value):
 class TinyOptions(Section):
     lora: str | None = None  # a peft LoRA adapter (folder or URI) merged into the denoiser at load
     mode: Literal["L", "RGB"] | None = None  # ignored: the tiny UNet works in the real set's channels
-    channels_last: bool = True  # NHWC convolutions: oneDNN's faster layout (the digits UNet: 10-23 % a shard)
+    channels_last: bool | None = None  # NHWC convolutions; unset: true on tiny, false elsewhere (load_backbone)
 
 
 class LatentOptions(TinyOptions):
@@ -113,7 +113,6 @@ class LatentOptions(TinyOptions):
     variant: str | None = None
     class_names: list[str] | None = None
     compile: bool | dict[str, Any] = False  # torch.compile the denoiser (kwargs: mode, backend, ...)
-    channels_last: bool = False  # not measured on the latent backbones' GPUs yet
 
 
 class SD15Options(LatentOptions):

@@ -71,7 +71,7 @@ def fit_discriminator(cfg: Config, recipe: str, fakes: torch.Tensor, classes: li
     Real side: ``real_features(label)`` of each of ``classes`` (at most ``bank.DISC_REAL_PER_CLASS`` each);
     synthetic side: ``fakes`` from :func:`sample_baseline`. ``classes`` is at most ``bank.DISC_MAX_CLASSES`` of
     the run's (``bank.discriminator_classes``), so the memory is bounded whatever the number of classes.
-    Deterministic: seeded sampling and fit, CPU fit.
+    Deterministic: a seeded CPU fit.
     """
     from factory import guidance
     from factory.bank import discriminator_real
