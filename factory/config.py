@@ -373,6 +373,9 @@ class DownstreamConfig(Section):
     batch_size: int = Field(128, ge=1)
     lr: Float = Field(0.05, gt=0)
     num_workers: int = Field(2, ge=1)  # Ray Train workers
+    # data: every worker trains every classifier on its share of the rows (DDP), for large sets;
+    # runs: each worker trains whole classifiers, dealt out, for many small sets (no gradient traffic)
+    parallel: Literal["data", "runs"] = "data"
     use_gpu: bool = False
     train_on: list[Literal["synthetic", "real", "mixed"]] = Field(default_factory=lambda: ["synthetic"])
 

@@ -4,8 +4,10 @@ The training set is synthetic (the factory's Parquet shards), the real train spl
 worker's split of at most ``HOLD_BYTES`` is read once by the worker itself and held (:func:`read_held`); a
 larger one is a lazy Ray Dataset of ``{"image": uint8 (H, W[, 3]), "label": int64}`` rows, read and decoded by
 Ray Data while the workers consume their split of it (files in a new seeded order every epoch, rows mixed in
-a local shuffle buffer), so no process holds the set. The real test split is read the same way. Several classifiers (one per recipe and mode, and real) train one after another in
-one Ray Train run, so its start-up is paid once. Each epoch ends with ``ray.train.report`` and a
+a local shuffle buffer), so no process holds the set. The real test split is read the same way. Several
+classifiers (one per recipe and mode, and real) train in one Ray Train run, so its start-up is paid once:
+one after another, every worker on its share of the rows (``parallel: data``, DDP), or dealt out whole to
+the workers (``parallel: runs``: many small sets on CPUs, no gradient traffic). Each epoch ends with ``ray.train.report`` and a
 checkpoint (model, optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun
 with the same storage path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's
 snapshot and ``ray.train.get_checkpoint()`` hands it to the workers), and classifiers that already
@@ -31,8 +33,6 @@ from torch import nn
 from factory.config import RESNETS, DownstreamConfig
 from factory.data import RealSet, decode_image, load_real, shard_files, to_pixels
 
-CHECKPOINT_FILE = "state.pt"
-DONE_FILE = "done.json"  # beside the state in each checkpoint: the finished classifiers' results
 BLOCK_BYTES = 16 << 20  # decoded bytes of a packaged real set's part (one Ray Data block)
 SHUFFLE_BYTES = 256 << 20  # decoded bytes a worker's local shuffle buffer may hold
 HOLD_BYTES = 256 << 20  # a worker's split up to this many decoded bytes is read once and held (see held)
@@ -200,18 +200,30 @@ def shuffle_buffer(n: int, batch_size: int, image_bytes: int) -> int:
     return int(max(8 * batch_size, min(n, SHUFFLE_BYTES // max(1, image_bytes))))
 
 
-def scaling_config(cfg: DownstreamConfig, cluster_cpus: float):
-    """Ray Train's ScalingConfig: ``use_gpu`` as configured, and the CPU workers leave one CPU to Ray Data,
-    which reads and decodes while they train (a read task beside workers that hold every CPU waits forever)."""
+def scaling_config(cfg: DownstreamConfig, cluster_cpus: float, workers: int | None = None):
+    """Ray Train's ScalingConfig for ``workers`` (default ``cfg.num_workers``): ``use_gpu`` as configured, and
+    the CPU workers leave one CPU to Ray Data, which reads and decodes while they train (a read task beside
+    workers that hold every CPU waits forever)."""
     from ray.train import ScalingConfig
 
+    workers = workers or cfg.num_workers
     if cfg.use_gpu:  # GPU workers reserve no CPU
-        return ScalingConfig(num_workers=cfg.num_workers, use_gpu=True)
-    per_worker = min(1.0, (cluster_cpus - DATA_CPUS) / cfg.num_workers)
+        return ScalingConfig(num_workers=workers, use_gpu=True)
+    per_worker = min(1.0, (cluster_cpus - DATA_CPUS) / workers)
     if per_worker <= 0:
-        raise ValueError(f"downstream: {cfg.num_workers} CPU workers need more than the cluster's "
+        raise ValueError(f"downstream: {workers} CPU workers need more than the cluster's "
                          f"{cluster_cpus:g} CPUs ({DATA_CPUS} left to Ray Data)")
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
+    return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": per_worker})
+
+
+def deal(costs: list[float], workers: int) -> list[int]:
+    """The worker of each run under ``parallel: runs``: longest first to the least loaded (ties: the lower
+    rank), so the busiest worker, which the others wait for, carries as little as the deal allows."""
+    load, rank = [0.0] * workers, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank[i] = min(range(workers), key=lambda w: load[w])
+        load[rank[i]] += costs[i]
+    return rank
 
 
 def parquet_files(paths: str | list[str]) -> list[str]:
@@ -326,9 +338,13 @@ def accuracy(counts: dict) -> float:
 def train_loop(config: dict) -> None:
     """The Ray Train worker loop over ``config["runs"]``, one classifier each, in order.
 
-    Every epoch of every run ends with ``ray.train.report`` and a checkpoint of the run in progress
-    (model, optimizer, epoch, history) plus the results of the runs already finished ("done"). On a
-    resumed trainer, finished runs are skipped and the run in progress continues from its epoch.
+    ``parallel: data``: every worker trains every classifier on its share of the rows (DDP). ``parallel: runs``:
+    each worker trains the whole classifiers dealt to it (``spec["rank"]``) alone, and pads its reports to the
+    busiest worker's count (Ray Train wants as many from each). Every epoch ends with ``ray.train.report`` and
+    a checkpoint of the run in progress (model, optimizer, epoch, history) plus the results of the runs
+    already finished ("done"), one file pair per worker that trains (merged into one checkpoint folder). On a
+    resumed trainer, finished runs are skipped and a run in progress continues from its epoch, whichever
+    worker it is dealt to now.
     """
     import ray.train
     import ray.train.torch
@@ -339,33 +355,74 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(1)
     device = ray.train.torch.get_device()
 
-    state = None
+    states, done = {}, {}  # run name -> its state in progress; run name -> its result
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False)
-    done = dict(state["done"]) if state else {}
-    for spec in config["runs"]:
-        name = spec["name"]
-        if name in done and done[name]["epochs"] >= config["epochs"]:
-            continue
-        resume = state if state and state["current"] == name else None
-        _train_one(config, spec, resume, done, rank, world, device)
+            for f in sorted(os.listdir(d)):
+                if f.startswith("state") and f.endswith(".pt"):
+                    state = torch.load(os.path.join(d, f), map_location=device, weights_only=False)
+                    states[state["current"]] = state
+                    _merge(done, state["done"])
+    epochs = config["epochs"]
+    todo = [s for s in config["runs"] if done.get(s["name"], {}).get("epochs", 0) < epochs]
+    by_runs = config["parallel"] == "runs"
+    mine = [s for s in todo if s["rank"] == rank] if by_runs else todo
+    last = {"current": None}
+    for spec in mine:
+        last = _train_one(config, spec, states.get(spec["name"]), done, rank, world, device)
+    if by_runs:  # as many reports as the busiest worker, each with this worker's last state and results
+        left = [0] * world
+        for s in todo:
+            left[s["rank"]] += epochs - states.get(s["name"], {}).get("epoch", 0)
+        for _ in range(max(left) - left[rank]):
+            _report(config, {**last, "done": dict(done)}, rank, trains=True)
+
+
+def _merge(done: dict, other: dict) -> None:
+    """Fold one worker's finished results into ``done``: where two workers hold a run, the one trained to more
+    epochs is the newer (each worker carries the results it read back, as they were)."""
+    for name, r in other.items():
+        if r["epochs"] >= done.get(name, {}).get("epochs", 0):
+            done[name] = r
+
+
+def _report(config: dict, state: dict, rank: int, trains: bool) -> None:
+    """``ray.train.report`` of ``state``: a worker that trains (rank 0 under ``parallel: data``, every worker
+    under ``runs``) saves it as ``state-<rank>.pt`` beside ``done-<rank>.json`` (its finished results); the
+    reported metrics stay small (Ray Train logs each report)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {"current": state["current"], "epoch": state.get("epoch"), "finished": len(state["done"])}
+    if not trains:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, os.path.join(d, f"state-{rank}.pt"))
+        with open(os.path.join(d, f"done-{rank}.json"), "w") as f:
+            json.dump(state["done"], f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
 def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: int, world: int,
-               device: torch.device) -> None:
-    """Train and judge one classifier; its result joins ``done`` (shared with the caller) at the last epoch."""
+               device: torch.device) -> dict:
+    """Train and judge one classifier; its result joins ``done`` (shared with the caller) at the last epoch.
+    Returns its last reported state.
+    Under ``parallel: runs`` this worker trains it alone: its rows, seeds and steps are those of a one-worker
+    run, so the classifier is the same whichever worker it is dealt to."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
     import torch.distributed as dist
 
     name = spec["name"]
-    torch.manual_seed(config["seed"] + rank)
+    by_runs = config["parallel"] == "runs"
+    part, parts = (0, 1) if by_runs else (rank, world)  # this worker's share of the rows
+    ddp = parts > 1 and dist.is_initialized()
+    torch.manual_seed(config["seed"] + part)
     gen = torch.Generator()
     net = resnet(config["model"], config["num_classes"], config["in_channels"], config["image_size"])
-    model = ray.train.torch.prepare_model(net)
+    model = ray.train.torch.prepare_model(net, parallel_strategy=None if by_runs else "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     start, history = 0, []
     if state is not None:
@@ -374,24 +431,25 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
         start, history = state["epoch"], list(state["history"])
 
     epochs, batch_size = config["epochs"], spec["batch_size"]
-    steps = max(1, spec["train_images"] // world // batch_size)  # per epoch and worker
+    steps = max(1, spec["train_images"] // parts // batch_size)  # per epoch and worker
     pad = max(1, config["image_size"] // 8)
     if spec["held"]:  # read once, straight from storage
-        split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), rank, world)
+        split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), part, parts)
     else:
         shard = ray.train.get_dataset_shard(name)
+    state = {"current": None}
     for epoch in range(start, epochs):
         began = time.perf_counter()
         model.train()
-        gen.manual_seed(config["seed"] + rank + 1000 * epoch)  # augmentation: the same on a resumed run
+        gen.manual_seed(config["seed"] + part + 1000 * epoch)  # augmentation: the same on a resumed run
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
         if spec["held"]:
-            batches = held_batches(split, batch_size, config["seed"] + 1000 * epoch + rank)
+            batches = held_batches(split, batch_size, config["seed"] + 1000 * epoch + part)
         else:
             batches = shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True,  # equal steps on every worker; BatchNorm needs > 1 image
                 local_shuffle_buffer_size=spec["shuffle_buffer"],
-                local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
+                local_shuffle_seed=config["seed"] + 1000 * epoch + part,
             )
         for i, batch in enumerate(batches):
             t = min(1.0, (epoch + i / steps) / epochs)  # cosine schedule over the whole run
@@ -405,51 +463,46 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             opt.step()
             loss_sum[0] += loss.item() * len(y)
             loss_sum[1] += len(y)
-        if world > 1 and dist.is_initialized():
+        if ddp:
             dist.all_reduce(loss_sum)
         history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
                         "seconds": round(time.perf_counter() - began, 2)})  # its training, on this worker
         if epoch + 1 == epochs:  # judged once, at the end: every pass over the test set is a Ray Data execution
-            if world > 1 and dist.is_initialized():  # every worker holds rank 0's BatchNorm statistics
+            if ddp:  # every worker holds rank 0's BatchNorm statistics
                 for b in net.buffers():
                     dist.broadcast(b, 0)
-            counts = _evaluate(net, config, rank, world, device)
+            counts = _evaluate(net, config, part, parts, device)
             history[-1]["test_accuracy"] = accuracy(counts)
             done[name] = {"accuracy": accuracy(counts), "test_counts": counts, "epochs": epochs,
                           "history": list(history), "resumed_from": start,
                           "train_images": spec["train_images"], "mode": spec["mode"], "held": spec["held"]}
-        # The reported metrics stay small (Ray Train logs each report): the results travel in the checkpoint.
-        metrics = {"current": name, "epoch": epoch + 1, "finished": len(done)}
-        if rank == 0:  # every worker reports; rank 0 alone saves the (replicated) state
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": history, "current": name, "done": dict(done)},
-                           os.path.join(d, CHECKPOINT_FILE))
-                with open(os.path.join(d, DONE_FILE), "w") as f:
-                    json.dump(done, f)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            if config.get("progress") is not None:  # the driver's bar: one epoch of one classifier
-                try:
-                    config["progress"].put_nowait((name, epoch + 1, spec["train_images"]))
-                except Exception:  # a full or lost queue costs the bar a tick, never the run
-                    pass
-        else:
-            ray.train.report(metrics)
+        # the results travel in the checkpoint; under ``data`` rank 0 alone saves the (replicated) state
+        trains = by_runs or rank == 0
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                 "history": history, "current": name, "done": dict(done)}
+        _report(config, state, rank, trains)
+        if trains and config.get("progress") is not None:  # the driver's bar: one epoch of one classifier
+            try:
+                config["progress"].put_nowait((name, epoch + 1, spec["train_images"]))
+            except Exception:  # a full or lost queue costs the bar a tick, never the run
+                pass
+    return state
 
 
 # --- driver ----------------------------------------------------------------------------------------
 
 
 def _done(result) -> dict:
-    """The finished classifiers of a Ray Train result: its latest checkpoint's done.json (older runs reported
-    them in the metrics)."""
+    """The finished classifiers of a Ray Train result: the union of its latest checkpoint's ``done*.json``
+    (one per worker that trains; older runs reported them in the metrics)."""
+    done = {}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            path = os.path.join(d, DONE_FILE)
-            if os.path.exists(path):
-                with open(path) as f:
-                    return dict(json.load(f))
-    return dict((result.metrics or {}).get("done") or {})
+            for f in sorted(os.listdir(d)):
+                if f.startswith("done") and f.endswith(".json"):
+                    with open(os.path.join(d, f)) as fh:
+                        _merge(done, json.load(fh))
+    return done or dict((result.metrics or {}).get("done") or {})
 
 
 def _finished(path: str, storage_filesystem) -> dict:
@@ -465,7 +518,7 @@ def _finished(path: str, storage_filesystem) -> dict:
 
 def _fit_with_bar(trainer, queue, total: int, progress: bool):
     """``trainer.fit()`` (on this thread: Ray Train handles signals) while a thread moves a bar over the
-    images trained (epochs x set size), fed through ``queue`` by the rank-0 worker."""
+    images trained (epochs x set size), fed through ``queue`` by the workers that train."""
     import threading
 
     if queue is None:
@@ -506,8 +559,10 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
     ``data`` names the real set (``source``, ``root``) and ``info`` its classes, size, mode and counts: its
     splits stream through Ray Data like the shards, nothing is loaded here. One worker group, started once,
     trains the classifiers in order (each from its own fresh initialisation with the same seed), so a run of
-    many small sets pays Ray Train's start-up once. Checkpoints live under ``<storage_path>/<name>``; a rerun
-    skips the finished classifiers and resumes the one in progress. Returns run name -> ``{"accuracy",
+    many small sets pays Ray Train's start-up once (``cfg.parallel``: every worker on every classifier's rows,
+or each worker on the whole classifiers dealt to it; then no more workers than classifiers start). Checkpoints live under ``<storage_path>/<name>``; a rerun
+    skips the finished classifiers and resumes the one in progress (under ``parallel: runs``, each
+worker's). Returns run name -> ``{"accuracy",
     "test_counts", "epochs", "train_images", "mode", "history", "resumed_from", "epochs_trained"}``, where
     ``epochs_trained`` counts the epochs this call ran (0: read back). ``progress``: a bar over the images
     to train (count, images/s, ETA), fed by the rank-0 worker.
@@ -529,22 +584,28 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
         root = data.root if data.root is None or "://" in data.root else os.path.abspath(data.root)  # any cwd
         test_held = held(int(sum(info.counts["test"])), image_bytes)
         datasets, specs = {} if test_held else {TEST: real_dataset(data, "test", info)}, []
+        by_runs = cfg.parallel == "runs"
+        workers = min(cfg.num_workers, len(todo)) if by_runs else cfg.num_workers
+        parts = 1 if by_runs else workers  # the workers that share one classifier's rows
         for i, run in enumerate(todo):
             mode, n = train_size(run, info)
-            batch_size = max(2, min(cfg.batch_size, n // cfg.num_workers))  # a tiny set trains
+            batch_size = max(2, min(cfg.batch_size, n // parts))  # a tiny set trains
             spec = {"name": run.name, "mode": mode, "train_images": n, "batch_size": batch_size,
-                    "shuffle_buffer": shuffle_buffer(n // cfg.num_workers, batch_size, image_bytes),
-                    "held": held(-(-n // cfg.num_workers), image_bytes)}
+                    "shuffle_buffer": shuffle_buffer(n // parts, batch_size, image_bytes),
+                    "held": held(-(-n // parts), image_bytes), "rank": 0}
             if spec["held"]:  # each worker reads its rows itself: no Ray Data execution (see read_held)
                 spec["files"] = parquet_files(run.shards) if run.shards else []
                 spec["real"] = {"source": data.source, "root": root, "split": "train"} if run.real else None
             else:
                 datasets[run.name] = build_dataset(run, data, info, seed + i)[0]
             specs.append(spec)
+        if by_runs:
+            for spec, rank in zip(specs, deal([s["train_images"] for s in specs], workers)):
+                spec["rank"] = rank
         config = {
             "runs": specs, "model": cfg.model, "num_classes": info.num_classes,
             "in_channels": 1 if info.mode == "L" else 3, "image_size": max(info.size), "epochs": cfg.epochs,
-            "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed, "progress": None,
+            "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed, "progress": None, "parallel": cfg.parallel,
             "image_mode": info.mode, "size": list(info.size),
             "test_held": {"source": data.source, "root": root, "split": "test"} if test_held else None,
         }
@@ -555,7 +616,7 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=config,
-            scaling_config=scaling_config(cfg, ray.cluster_resources().get("CPU", 0)),
+            scaling_config=scaling_config(cfg, ray.cluster_resources().get("CPU", 0), workers),
             run_config=RunConfig(
                 storage_path=storage_path, name=name, storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest: ~90 MB for a resnet18
@@ -564,7 +625,7 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
             # the test set is whole on every worker; one worker needs no split (a split's coordinator actor
             # per dataset costs a process start each: seconds on 2 cores)
             dataset_config=DataConfig(datasets_to_split=[s["name"] for s in specs if not s["held"]]
-                                      if cfg.num_workers > 1 else []),
+                                      if parts > 1 else []),
         )
         total = sum(s["train_images"] * (cfg.epochs - before.get(s["name"], {}).get("epochs", 0)) for s in specs)
         result = _fit_with_bar(trainer, config["progress"], total, progress)

@@ -262,3 +262,33 @@ def test_training_set_streams_files_in_a_new_order_each_epoch_and_mixes_classes(
     assert (mode, n) == ("mixed", 2 * 1347)
     assert np.array_equal(np.bincount(np.concatenate([b["label"] for b in both.iter_batches(batch_format="numpy")])),
                           2 * np.bincount(train.labels))
+
+
+def test_deal_gives_the_longest_runs_first_to_the_least_loaded_worker():
+    assert downstream.deal([1347, 1347, 2694], 2) == [1, 1, 0]
+    assert downstream.deal([10, 10, 10, 10, 10], 2) == [0, 1, 0, 1, 0]
+    assert downstream.deal([5, 7], 4) == [1, 0]
+
+
+def test_runs_dealt_to_two_workers_equal_one_worker_training_them_all_and_resume(local_ray, digits, shards, tmp_path):
+    """``parallel: runs``: two workers train whole classifiers (the mixed set on one, synthetic and real on the
+    other, which the first pads its reports for): each classifier is the one a single worker trains, and a
+    longer rerun resumes every run from the merged checkpoint of both workers."""
+    _, _, info = digits
+    folder, files = shards
+    runs = [TrainSet("synthetic", folder, 1347, False), TrainSet("real", None, 0, True),
+            TrainSet("mixed", files, 1347, True)]
+    alone = DownstreamConfig(enabled=True, epochs=1, batch_size=32, lr=0.02, num_workers=1)
+    one = train_and_evaluate_many(runs, DIGITS, info, alone, str(tmp_path / "one"), "group")
+    dealt = train_and_evaluate_many(runs, DIGITS, info, _cfg(1, parallel="runs"), str(tmp_path / "runs"), "group")
+    for name in ("synthetic", "real", "mixed"):
+        assert dealt[name]["test_counts"] == one[name]["test_counts"], name
+        assert [h["loss"] for h in dealt[name]["history"]] == [h["loss"] for h in one[name]["history"]], name
+    assert dealt["synthetic"]["accuracy"] > MIN_ACCURACY and dealt["mixed"]["train_images"] == 2 * 1347
+    # each worker's latest checkpoint file holds the run it trained last (mixed on one, real on the other):
+    # both continue from their epoch; synthetic's state was replaced by real's, so it trains again from 0
+    longer = train_and_evaluate_many(runs, DIGITS, info, _cfg(2, parallel="runs"), str(tmp_path / "runs"), "group")
+    for name, start in (("mixed", 1), ("real", 1), ("synthetic", 0)):
+        r = longer[name]
+        assert (r["epochs"], r["resumed_from"], r["epochs_trained"]) == (2, start, 2 - start), (name, r)
+        assert (r["history"][0] == dealt[name]["history"][0]) == (start == 1), name
