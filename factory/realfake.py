@@ -58,6 +58,7 @@ from torch import nn
 from factory.data import to_pixels
 from factory.guidance.chamfer import pairwise_sq_dists
 from factory.lora import ADAPTER_FILES
+from factory.sampler import output_of, x0_and_eps
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESNET_TARGETS = r".*resnets\.\d+\.(conv1|conv2)"
@@ -169,14 +170,8 @@ def loss_terms(backbone, features, images: torch.Tensor, labels: torch.Tensor, r
     xt = a * x0 + s * noise
     out = backbone.predict(xt, t, cond).float()
     kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target, x0_hat = noise, (xt - s * out) / a
-    elif kind == "v_prediction":
-        target, x0_hat = a * noise - s * x0, a * xt - s * out
-    elif kind == "sample":
-        target, x0_hat = x0, out
-    else:
-        raise ValueError(f"unsupported prediction type {kind!r}")
+    target = output_of(kind, x0, noise, a, s)
+    x0_hat, _ = x0_and_eps(kind, out, xt, a, s)
     simple = F.mse_loss(out, target)
     mmd = torch.zeros((), dtype=simple.dtype)
     keep = (a.view(-1) ** 2) >= MMD_MIN_ALPHA_BAR

@@ -94,20 +94,37 @@ def _alpha_sigma(scheduler, t, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.sqrt(), (1 - a).sqrt()
 
 
+def x0_and_eps(kind: str, model_out: torch.Tensor, x: torch.Tensor, a, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂₀, ε) of a DDPM-family model output at x_t = a·x₀ + s·ε (a² + s² = 1; a, s broadcast), by the
+    scheduler's ``prediction_type``. The one home of this algebra: sampling and Real-Fake training use it."""
+    if kind == "epsilon":
+        return (x - s * model_out) / a, model_out
+    if kind == "v_prediction":  # v = a·ε − s·x₀
+        return a * x - s * model_out, a * model_out + s * x
+    if kind == "sample":
+        return model_out, (x - a * model_out) / s
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def output_of(kind: str, x0: torch.Tensor, eps: torch.Tensor, a, s) -> torch.Tensor:
+    """The model output that means (x₀, ε) under ``prediction_type`` ``kind``: the inverse of
+    :func:`x0_and_eps`, and the training target of a denoiser."""
+    if kind == "epsilon":
+        return eps
+    if kind == "v_prediction":
+        return a * eps - s * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
 def predict_x0(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂₀, ε) from the model output, by the scheduler's prediction type (flow: v = ε − x₀)."""
     a, s = _alpha_sigma(scheduler, t, i)
     if is_flow(scheduler):
         x0 = x - s * model_out
         return x0, x0 + model_out
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (x - s * model_out) / a, model_out
-    if kind == "v_prediction":
-        return a * x - s * model_out, a * model_out + s * x
-    if kind == "sample":
-        return model_out, (x - a * model_out) / s
-    raise ValueError(f"unsupported prediction type {kind!r}")
+    return x0_and_eps(scheduler.config.prediction_type, model_out, x, a, s)
 
 
 def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int, delta_x0: torch.Tensor) -> torch.Tensor:
@@ -118,13 +135,9 @@ def guided_output(scheduler, model_out: torch.Tensor, x: torch.Tensor, t, i: int
     a, s = _alpha_sigma(scheduler, t, i)
     if is_flow(scheduler):
         return model_out + delta_x0 / s.clamp(min=0.05)
-    x0, eps = predict_x0(scheduler, model_out, x, t, i)
+    x0, _ = predict_x0(scheduler, model_out, x, t, i)
     x0 = x0 - delta_x0
-    eps = (x - a * x0) / s
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return eps
-    return a * eps - s * x if kind == "v_prediction" else x0
+    return output_of(scheduler.config.prediction_type, x0, (x - a * x0) / s, a, s)
 
 
 def takes_eta(scheduler) -> bool:

@@ -137,3 +137,23 @@ def test_normalize_grad_set_keeps_the_batch_relative_steps():
     assert s[1].pow(2).mean() < 1e-4 * s[0].pow(2).mean()
     assert torch.allclose(normalize_grad(g, "l2", x)[1].pow(2).mean(), torch.tensor(1.0))
     assert torch.equal(normalize_grad(torch.zeros(2, 3), "set", x), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_guided_output_moves_x0_by_delta_in_every_prediction_type(kind):
+    """No step returns the model output itself; a step Δ moves x̂₀ by −Δ at the same x_t (v-prediction's
+    inverse once returned a·ε − s·x_t instead of a·ε − s·x̂₀)."""
+    from factory.sampler import guided_output, output_of, predict_x0, x0_and_eps
+
+    sched = DDIMScheduler(prediction_type=kind)
+    sched.set_timesteps(10)
+    t, gen = sched.timesteps[3], torch.Generator().manual_seed(0)
+    x, out, delta = (torch.randn(2, 1, 4, 4, generator=gen) for _ in range(3))
+    torch.testing.assert_close(guided_output(sched, out, x, t, 3, torch.zeros_like(x)), out, rtol=1e-4, atol=1e-4)
+    x0, _ = predict_x0(sched, out, x, t, 3)
+    moved, _ = predict_x0(sched, guided_output(sched, out, x, t, 3, delta), x, t, 3)
+    torch.testing.assert_close(moved, x0 - delta, rtol=1e-4, atol=1e-4)
+    a, s = torch.tensor(0.6), torch.tensor(0.8)  # per-sample a, s broadcast as in training
+    x0, eps = torch.randn(2, 1, 4, 4, generator=gen), torch.randn(2, 1, 4, 4, generator=gen)
+    back = x0_and_eps(kind, output_of(kind, x0, eps, a, s), a * x0 + s * eps, a, s)
+    torch.testing.assert_close(back, (x0, eps), rtol=1e-5, atol=1e-5)
