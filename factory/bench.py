@@ -38,7 +38,7 @@ from factory.backbones import (
     resolve_device,
     resolve_dtype,
 )
-from factory.sampler import Guidance, predict_x0, sample
+from factory.sampler import Guidance, model_output, predict_cfg, sample
 
 BACKBONES = ("tiny", "sd15", "sd35m", "dit-xl-2")
 SIZES = ("tiny", "full")
@@ -313,27 +313,18 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def _guided_step(backbone, scheduler, features, guidance, x, cond, null, t, i, cfg_scale, grad_through):
-    """The sampler's guided branch at step i (mirrors ``factory.sampler.sample``)."""
-    with torch.enable_grad() if grad_through == "model" else torch.no_grad():
-        xg = x.detach().requires_grad_(True)
-        x_in = scheduler.scale_model_input(xg, t) if hasattr(scheduler, "scale_model_input") else xg
-        # FlopCounterMode's module hooks cannot take the leaf itself (CFG-free, unscaled input): a view
-        out = _predict(backbone, x_in.view_as(x_in), t, cond, null, cfg_scale)
-    if grad_through == "x0":
-        out = out.detach()
-    with torch.enable_grad():
-        x0, _ = predict_x0(scheduler, out, xg, t, i)
-        feats = features(backbone.decode(x0))
-        for j, g in enumerate(guidance):
-            torch.autograd.grad(g.energy(feats, None), xg, retain_graph=j < len(guidance) - 1)
+class _ViewedInput:
+    """The backbone, handed a view of its input: FlopCounterMode's module hooks cannot take the sampler's
+    leaf itself (a CFG-free step with an unscaled input), and a view in the sampler would move its bytes."""
 
+    def __init__(self, backbone):
+        self._backbone = backbone
 
-def _predict(backbone, x_in, t, cond, null, cfg_scale):
-    if null is None:
-        return backbone.predict(x_in, t, cond)
-    c, u = backbone.predict(torch.cat([x_in, x_in]), t, torch.cat([cond, null])).chunk(2)
-    return u + cfg_scale * (c - u)
+    def predict(self, x, t, cond):
+        return self._backbone.predict(x.view_as(x), t, cond)
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
 
 
 def flop_breakdown(backbone, features, guidance, labels, steps, cfg_scale, grad_through) -> dict:
@@ -351,7 +342,7 @@ def flop_breakdown(backbone, features, guidance, labels, steps, cfg_scale, grad_
     t = timesteps[i]
     with torch.no_grad():
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        den = count_flops(lambda: _predict(backbone, x_in, t, cond, null, cfg_scale))
+        den = count_flops(lambda: predict_cfg(backbone, x_in, t, cond, null, cfg_scale))
         final = count_flops(lambda: backbone.decode(x, guidance=False) if backbone.latent else backbone.decode(x))
         parts = {"denoiser_fwd": den * n, "final_decode": final}
         if guided:
@@ -359,8 +350,9 @@ def flop_breakdown(backbone, features, guidance, labels, steps, cfg_scale, grad_
             pixels = backbone.decode(x)
             feat = count_flops(lambda: features(pixels))
     if guided:
-        step = count_flops(lambda: _guided_step(backbone, scheduler, features, guidance, x, cond, null, t, i,
-                                                cfg_scale, grad_through))
+        active = [g for g in guidance if g.active(i, n)]  # the energies of the first guided step
+        step = count_flops(lambda: model_output(_ViewedInput(backbone), scheduler, x, t, i, cond, null, cfg_scale,
+                                                active, features, None, grad_through, []))
         g = len(guided)
         parts.update({"guide_decode_fwd": dec * g, "features_fwd": feat * g,
                       "backward_and_energy": max(step - den - dec - feat, 0) * g})

@@ -163,6 +163,40 @@ def _terms(g: Guidance, feats: torch.Tensor, frozen) -> list[tuple[str, float, t
     return [(g.name, 1.0, g.energy(feats, frozen))]
 
 
+def predict_cfg(backbone: Backbone, x_in: torch.Tensor, t, cond, null, cfg_scale: float) -> torch.Tensor:
+    """The denoiser's output with classifier-free guidance (``null`` None: one conditional pass)."""
+    if null is None:
+        return backbone.predict(x_in, t, cond)
+    c, u = backbone.predict(torch.cat([x_in, x_in]), t, torch.cat([cond, null])).chunk(2)
+    return u + cfg_scale * (c - u)
+
+
+def model_output(backbone: Backbone, scheduler, x: torch.Tensor, t, i: int, cond, null, cfg_scale: float,
+                 active: list[Guidance], features, frozen, grad_through: str, trace: list) -> torch.Tensor:
+    """Step i's model output: CFG, then each ``active`` energy's normalised gradient moves x̂₀ (its value is
+    appended to ``trace``). The sampler's step, and what the benchmark counts (factory.bench)."""
+    with torch.enable_grad() if active and grad_through == "model" else torch.no_grad():
+        xg = x.detach().requires_grad_(bool(active))
+        x_in = scheduler.scale_model_input(xg, t) if hasattr(scheduler, "scale_model_input") else xg
+        out = predict_cfg(backbone, x_in, t, cond, null, cfg_scale)
+    if not active:
+        return out
+    if grad_through == "x0":
+        out = out.detach()
+    with torch.enable_grad():
+        x0, _ = predict_x0(scheduler, out, xg, t, i)
+        feats = features(backbone.decode(x0))
+        a, _ = _alpha_sigma(scheduler, t, i)
+        delta = torch.zeros_like(x)
+        parts = [(g, name, w, value) for g in active for name, w, value in _terms(g, feats, frozen)]
+        for j, (g, name, w, value) in enumerate(parts):
+            (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(parts) - 1)
+            # α·∇_{x_t}E is the gradient in x̂₀ units (exactly ∇_{x̂₀}E when the model output is held)
+            delta += g.weight * w * normalize_grad(a * grad, g.normalize, x)
+            trace.append({"step": i, "name": name, "value": value.detach()})
+    return guided_output(scheduler, out.detach(), x, t, i, delta)
+
+
 def sample(
     backbone: Backbone,
     scheduler,
@@ -212,30 +246,8 @@ def sample(
     for i, t in enumerate(timesteps):
         cond = fixed_cond if condition is None else condition(i, n)
         active = [g for g in guidance if g.active(i, n)]
-        with torch.enable_grad() if active and grad_through == "model" else torch.no_grad():
-            xg = x.detach().requires_grad_(bool(active))
-            x_in = scheduler.scale_model_input(xg, t) if hasattr(scheduler, "scale_model_input") else xg
-            if null is None:
-                out = backbone.predict(x_in, t, cond)
-            else:
-                both = backbone.predict(torch.cat([x_in, x_in]), t, torch.cat([cond, null]))
-                c, u = both.chunk(2)
-                out = u + cfg_scale * (c - u)
-        if active:
-            if grad_through == "x0":
-                out = out.detach()
-            with torch.enable_grad():
-                x0, _ = predict_x0(scheduler, out, xg, t, i)
-                feats = features(backbone.decode(x0))
-                a, _ = _alpha_sigma(scheduler, t, i)
-                delta = torch.zeros_like(x)
-                parts = [(g, name, w, value) for g in active for name, w, value in _terms(g, feats, frozen)]
-                for j, (g, name, w, value) in enumerate(parts):
-                    (grad,) = torch.autograd.grad(value, xg, retain_graph=j < len(parts) - 1)
-                    # α·∇_{x_t}E is the gradient in x̂₀ units (exactly ∇_{x̂₀}E when the model output is held)
-                    delta += g.weight * w * normalize_grad(a * grad, g.normalize, x)
-                    trace.append({"step": i, "name": name, "value": value.detach()})
-            out = guided_output(scheduler, out.detach(), x, t, i, delta)
+        out = model_output(backbone, scheduler, x, t, i, cond, null, cfg_scale, active, features, frozen,
+                           grad_through, trace)
         x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():
         images = backbone.decode(x).clamp(-1, 1)
