@@ -7,11 +7,11 @@ Ray Data while the workers consume their split of it (files in a new seeded orde
 a local shuffle buffer), so no process holds the set. The real test split is read the same way. Several
 classifiers (one per recipe and mode, and real) train in one Ray Train run, so its start-up is paid once:
 one after another, every worker on its share of the rows (``parallel: data``, DDP), or dealt out whole to
-the workers (``parallel: runs``: many small sets on CPUs, no gradient traffic). Each epoch ends with ``ray.train.report`` and a
-checkpoint (model, optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun
-with the same storage path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's
-snapshot and ``ray.train.get_checkpoint()`` hands it to the workers), and classifiers that already
-reached their epochs are read back without training.
+the workers (``parallel: runs``: many small sets on CPUs, no gradient traffic). Each epoch ends with
+``ray.train.report`` and a checkpoint (model, optimizer, epoch, history, finished results) under
+``<storage_path>/<name>``; a rerun with the same storage path and name resumes from the latest checkpoint
+(Ray Train V2 reloads the run's snapshot and ``ray.train.get_checkpoint()`` hands it to the workers), and
+classifiers that already reached their epochs are read back without training.
 """
 
 from __future__ import annotations
@@ -559,13 +559,13 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
     ``data`` names the real set (``source``, ``root``) and ``info`` its classes, size, mode and counts: its
     splits stream through Ray Data like the shards, nothing is loaded here. One worker group, started once,
     trains the classifiers in order (each from its own fresh initialisation with the same seed), so a run of
-    many small sets pays Ray Train's start-up once (``cfg.parallel``: every worker on every classifier's rows,
-or each worker on the whole classifiers dealt to it; then no more workers than classifiers start). Checkpoints live under ``<storage_path>/<name>``; a rerun
-    skips the finished classifiers and resumes the one in progress (under ``parallel: runs``, each
-worker's). Returns run name -> ``{"accuracy",
+    many small sets pays Ray Train's start-up once (``cfg.parallel``: every worker on every classifier's
+    rows, or each worker on the whole classifiers dealt to it; then no more workers than classifiers start).
+    Checkpoints live under ``<storage_path>/<name>``; a rerun skips the finished classifiers and resumes the
+    one in progress (under ``parallel: runs``, each worker's). Returns run name -> ``{"accuracy",
     "test_counts", "epochs", "train_images", "mode", "history", "resumed_from", "epochs_trained"}``, where
     ``epochs_trained`` counts the epochs this call ran (0: read back). ``progress``: a bar over the images
-    to train (count, images/s, ETA), fed by the rank-0 worker.
+    to train (count, images/s, ETA), fed by the workers that train.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, RunConfig
