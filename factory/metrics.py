@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from factory.guidance.chamfer import pairwise_sq_dists
+from factory.guidance.lowdensity import mean_cov, ridged_cholesky
 
 
 def _t(x) -> torch.Tensor:
@@ -114,22 +115,6 @@ def f1(precision: float, coverage: float) -> float:
     return 0.0 if s <= 0 else 2.0 * precision * coverage / s
 
 
-def _mean_cov(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 mean and unbiased (N − 1) covariance, accumulated in row chunks around a shift for stability.
-    The covariance of fewer than two points is zero."""
-    n, dim = x.shape
-    shift = x[:chunk].double().mean(0)
-    s1 = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
-    for i in range(0, n, chunk):
-        y = x[i:i + chunk].double() - shift
-        s1 += y.sum(0)
-        s2 += y.T @ y
-    m = s1 / n
-    cov = (s2 - n * torch.outer(m, m)) / (n - 1) if n > 1 else torch.zeros_like(s2)
-    return shift + m, (cov + cov.T) / 2
-
-
 def frechet_distance(real, fake) -> float:
     """||μ_r − μ_f||² + tr(Σ_r + Σ_f − 2 (Σ_r Σ_f)^{1/2}) between Gaussians fitted to the two sets (FID's formula).
 
@@ -137,7 +122,7 @@ def frechet_distance(real, fake) -> float:
     Σ_r Σ_f but is symmetric PSD: negative round-off eigenvalues are clipped to 0, so singular or near-singular
     covariances (fewer points than dimensions) need no ε offset and no complex parts. Float64; clipped at 0.
     """
-    (m1, c1), (m2, c2) = _mean_cov(_t(real)), _mean_cov(_t(fake))
+    (m1, c1), (m2, c2) = mean_cov(_t(real)), mean_cov(_t(fake))
     return frechet_from_moments(m1, c1, m2, c2)
 
 
@@ -206,18 +191,17 @@ class ClassGaussian:
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
         self.dim, self.identity, self.ridge = x.shape[1], identity, ridge
         # the ridge's scale: given when the classes are fitted apart (the mean per-dimension variance of them all)
-        var = _mean_cov(x)[1].diagonal().mean().item() if feature_var is None else float(feature_var)
-        lam = ridge * (var if var > 0 else 1.0)
+        var = mean_cov(x)[1].diagonal().mean().item() if feature_var is None else float(feature_var)
         C, D = self.num_classes, self.dim
         self.counts = torch.bincount(y, minlength=C).cpu()
         self.means = torch.full((C, D), float("nan"), dtype=torch.float64)
         self.whiten = torch.eye(D, dtype=torch.float64).repeat(C, 1, 1)  # W_y = L_y^{-1}, Σ_y = L_y L_yᵀ
         self.logdet = torch.zeros(C, dtype=torch.float64)
         for c in torch.nonzero(self.counts).flatten().tolist():
-            m, cov = _mean_cov(x[y == c])
+            m, cov = mean_cov(x[y == c])
             self.means[c] = m.cpu()
             if not identity:
-                chol = torch.linalg.cholesky(cov.cpu() + lam * torch.eye(D, dtype=torch.float64))
+                chol = ridged_cholesky(cov, var, ridge)
                 self.whiten[c] = torch.linalg.solve_triangular(chol, torch.eye(D, dtype=torch.float64), upper=False)
                 self.logdet[c] = 2.0 * chol.diagonal().log().sum()
         self._cache: dict = {}

@@ -77,6 +77,8 @@ from torch import Tensor, nn
 __all__ = [
     "hardness",
     "fit_class_gaussians",
+    "mean_cov",
+    "ridged_cholesky",
     "precision_from_covariance",
     "FeatureDiscriminator",
     "LowDensityEnergy",
@@ -187,22 +189,14 @@ def fit_class_gaussians(
     means = torch.zeros(C, D, dtype=torch.float64)
     covs = torch.zeros(C, D, D, dtype=torch.float64)
     pooled = torch.zeros(D, D, dtype=torch.float64)
-    dof = 0
     counts = torch.bincount(y, minlength=C)
-    for c in range(C):
-        Xc = X[y == c]
-        if Xc.shape[0] == 0:
-            continue
-        means[c] = Xc.mean(0)
-        R = Xc - means[c]
-        pooled += R.T @ R
-        dof += Xc.shape[0] - 1
-        if Xc.shape[0] > 1:
-            covs[c] = R.T @ R / (Xc.shape[0] - 1)
-    pooled = pooled / max(dof, 1)
+    for c in torch.nonzero(counts).flatten().tolist():
+        means[c], covs[c] = mean_cov(X[y == c])
+        pooled += (int(counts[c]) - 1) * covs[c]
+    pooled = pooled / max(N - int((counts > 0).sum()), 1)
     if identity_precision:
         return means.float(), None
-    var = float(X.var(dim=0, unbiased=N > 1).mean()) if N > 1 else 0.0
+    var = float(mean_cov(X)[1].diagonal().mean())
     if shared_covariance:
         return means.float(), precision_from_covariance(pooled, var, ridge).float()
     precs = torch.stack([precision_from_covariance(covs[c] if counts[c] > 0 else pooled, var, ridge)
@@ -210,13 +204,36 @@ def fit_class_gaussians(
     return means.float(), precs.float()
 
 
-def precision_from_covariance(cov: ArrayLike, feature_var: float, ridge: float = 1e-3) -> Tensor:
-    """``(cov + lambda I)^-1`` in float64, ``lambda = ridge * feature_var`` (1.0 when that is 0): the ridge of
-    :func:`fit_class_gaussians`, for a covariance stored apart from its features (the reference bank's)."""
+def mean_cov(x: Tensor, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
+    """Float64 mean and unbiased (N − 1) covariance of the rows of ``x``, accumulated in row chunks around a
+    shift for stability. The covariance of fewer than two points is zero. The one home of these moments:
+    the class Gaussians here and ``factory.metrics`` (FD, hardness) use it."""
+    n, dim = x.shape
+    shift = x[:chunk].double().mean(0)
+    s1 = torch.zeros(dim, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
+    for i in range(0, n, chunk):
+        y = x[i:i + chunk].double() - shift
+        s1 += y.sum(0)
+        s2 += y.T @ y
+    m = s1 / n
+    cov = (s2 - n * torch.outer(m, m)) / (n - 1) if n > 1 else torch.zeros_like(s2)
+    return shift + m, (cov + cov.T) / 2
+
+
+def ridged_cholesky(cov: ArrayLike, feature_var: float, ridge: float = 1e-3) -> Tensor:
+    """The lower Cholesky factor L of ``cov + lambda I`` in float64, ``lambda = ridge * feature_var`` (1.0
+    when that is 0): the one ridge of the class Gaussians, so guidance optimises the hardness the metrics
+    report (``factory.metrics.ClassGaussian`` whitens with L⁻¹; the precision here is (L Lᵀ)⁻¹)."""
     cov = _as_tensor(cov).detach().double().cpu()
     lam = ridge * (feature_var if feature_var > 0 else 1.0)
-    L = torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[-1], dtype=torch.float64))
-    return torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(cov + lam * torch.eye(cov.shape[-1], dtype=torch.float64))
+
+
+def precision_from_covariance(cov: ArrayLike, feature_var: float, ridge: float = 1e-3) -> Tensor:
+    """``(cov + lambda I)^-1`` in float64 (see :func:`ridged_cholesky`), for a covariance stored apart from its
+    features (the reference bank's) or fitted by :func:`fit_class_gaussians`."""
+    return torch.cholesky_inverse(ridged_cholesky(cov, feature_var, ridge))
 
 
 class FeatureDiscriminator(nn.Module):
