@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from factory.guidance.chamfer import pairwise_sq_dists
-from factory.guidance.lowdensity import mean_cov, ridged_cholesky
+from factory.guidance.lowdensity import Moments, mean_cov, ridged_cholesky  # noqa: F401 (Moments: the score stage's)
 
 
 def _t(x) -> torch.Tensor:
@@ -124,37 +124,6 @@ def frechet_distance(real, fake) -> float:
     """
     (m1, c1), (m2, c2) = mean_cov(_t(real)), mean_cov(_t(fake))
     return frechet_from_moments(m1, c1, m2, c2)
-
-
-class Moments:
-    """Streamed sufficient statistics of a feature set (count, sum, sum of outer products, float64, around a
-    fixed shift for stability): sets of any size are summed in parts and merged, in memory O(D²)."""
-
-    def __init__(self, dim: int, shift=None):
-        self.n = 0
-        self.shift = torch.zeros(dim, dtype=torch.float64) if shift is None else torch.as_tensor(shift).double()
-        self.s1 = torch.zeros(dim, dtype=torch.float64)
-        self.s2 = torch.zeros(dim, dim, dtype=torch.float64)
-
-    def add(self, x) -> "Moments":
-        y = _t(x).double().cpu() - self.shift
-        self.n += len(y)
-        self.s1 += y.sum(0)
-        self.s2 += y.T @ y
-        return self
-
-    def merge(self, other: "Moments") -> "Moments":
-        if not torch.equal(self.shift, other.shift):
-            raise ValueError("moments around different shifts")
-        self.n += other.n
-        self.s1 += other.s1
-        self.s2 += other.s2
-        return self
-
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.s1 / max(self.n, 1)
-        cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1) if self.n > 1 else torch.zeros_like(self.s2)
-        return self.shift + m, (cov + cov.T) / 2
 
 
 def frechet_from_moments(m1, c1, m2, c2) -> float:

@@ -78,6 +78,7 @@ __all__ = [
     "hardness",
     "fit_class_gaussians",
     "mean_cov",
+    "Moments",
     "ridged_cholesky",
     "precision_from_covariance",
     "FeatureDiscriminator",
@@ -205,20 +206,44 @@ def fit_class_gaussians(
 
 
 def mean_cov(x: Tensor, chunk: int = 65536) -> Tuple[Tensor, Tensor]:
-    """Float64 mean and unbiased (N − 1) covariance of the rows of ``x``, accumulated in row chunks around a
-    shift for stability. The covariance of fewer than two points is zero. The one home of these moments:
-    the class Gaussians here and ``factory.metrics`` (FD, hardness) use it."""
-    n, dim = x.shape
-    shift = x[:chunk].double().mean(0)
-    s1 = torch.zeros(dim, dtype=torch.float64, device=x.device)
-    s2 = torch.zeros(dim, dim, dtype=torch.float64, device=x.device)
-    for i in range(0, n, chunk):
-        y = x[i:i + chunk].double() - shift
-        s1 += y.sum(0)
-        s2 += y.T @ y
-    m = s1 / n
-    cov = (s2 - n * torch.outer(m, m)) / (n - 1) if n > 1 else torch.zeros_like(s2)
-    return shift + m, (cov + cov.T) / 2
+    """Float64 mean and unbiased (N − 1) covariance of the rows of ``x`` (on the CPU), summed in row chunks
+    around the first chunk's mean for stability (:class:`Moments`). The covariance of fewer than two points is
+    zero. The one home of these moments: the class Gaussians here and ``factory.metrics`` (FD, hardness)."""
+    m = Moments(x.shape[1], shift=x[:chunk].double().mean(0).cpu())
+    for i in range(0, x.shape[0], chunk):
+        m.add(x[i:i + chunk])
+    return m.mean_cov()
+
+
+class Moments:
+    """Streamed sufficient statistics of a feature set (count, sum, sum of outer products, float64, around a
+    fixed shift for stability): sets of any size are summed in parts and merged, in memory O(D²)."""
+
+    def __init__(self, dim: int, shift=None):
+        self.n = 0
+        self.shift = torch.zeros(dim, dtype=torch.float64) if shift is None else torch.as_tensor(shift).double()
+        self.s1 = torch.zeros(dim, dtype=torch.float64)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, x) -> "Moments":
+        y = _as_tensor(x).double().cpu() - self.shift
+        self.n += len(y)
+        self.s1 += y.sum(0)
+        self.s2 += y.T @ y
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        if not torch.equal(self.shift, other.shift):
+            raise ValueError("moments around different shifts")
+        self.n += other.n
+        self.s1 += other.s1
+        self.s2 += other.s2
+        return self
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.s1 / max(self.n, 1)
+        cov = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1) if self.n > 1 else torch.zeros_like(self.s2)
+        return self.shift + m, (cov + cov.T) / 2
 
 
 def ridged_cholesky(cov: ArrayLike, feature_var: float, ridge: float = 1e-3) -> Tensor:
