@@ -4,7 +4,7 @@
     factory eval {parquet,webdataset,imagefolder} ROOT [--real digits] [--features cnn] [--k 5] [--work DIR]
     factory plan CONFIG [--gpu h100] [--img-per-s R] [--price-per-gpu-hour P] [--mfu M] [--json] [--set ...]
     factory bench --backbone {tiny,sd15,sd35m,dit-xl-2} --size {tiny,full} --guidance {none,chamfer,ot} ...
-    factory train-embedded DATASET [--out DIR] [--seed N]
+    factory train-embedded --source {digits,fashion_mnist,imagefolder,parquet,webdataset} [--root URI] [--out DIR]
     factory prepare SRC --output URI --size N [--resize center-crop|pad|stretch] [--per-class K] [--seed S] ...
     factory status OUTPUT [--json] [--window SECONDS]
     factory verify OUTPUT [--json] [--repair] [--workers N]
@@ -108,7 +108,10 @@ def _cmd_prepare(args) -> int:
 def _cmd_train_embedded(args) -> int:
     from factory.embedded import train_embedded
 
-    train_embedded(args.dataset, args.out, seed=args.seed)
+    summary = train_embedded(args.source, args.out, seed=args.seed, quick=args.quick, threads=args.threads,
+                             root=args.root, flip=args.flip, max_images=args.max_images)
+    print(json.dumps({k: summary[k] for k in ("dataset", "size", "mode", "wall_s")}
+                     | {"classes": len(summary["class_names"]), "cnn_test_acc": summary["cnn"]["test_acc"]}))
     return 0
 
 
@@ -202,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(fn=_cmd_prepare)
 
-    p = sub.add_parser("train-embedded", help="train the embedded tiny UNet and feature CNN")
-    p.add_argument("dataset", choices=["digits", "fashion_mnist"])
-    p.add_argument("--out", default=str(Path(__file__).parent / "weights"))
+    p = sub.add_parser("train-embedded", help="train the tiny UNet and feature CNN on a labelled image set")
+    p.add_argument("--source", required=True, choices=["digits", "fashion_mnist", "imagefolder", "parquet", "webdataset"])
+    p.add_argument("--root", help="the set's folder or URI (imagefolder, parquet, webdataset; fashion_mnist's IDX files)")
+    p.add_argument("--out", help="checkpoint folder to write (default factory/weights/SOURCE for digits, fashion_mnist); "
+                   "a job names it as backbone.checkpoint and features.checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip", action="store_true", help="the feature CNN may learn from mirrored images")
+    p.add_argument("--max-images", type=int, help="train on a seeded subset of at most this many images")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.set_defaults(fn=_cmd_train_embedded)
 
     args = parser.parse_args(argv)

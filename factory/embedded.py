@@ -12,9 +12,11 @@ classifier-free guidance. It works at ``config["sample_size"]``, which may diffe
 size: use :func:`to_model_space` / :func:`to_real_size` to convert. Everything is trained on the
 train split only (``load_real(dataset, "train")``) and is deterministic given the seed.
 
-Train with ``python -m factory.embedded digits`` (writes ``factory/weights/digits``); each folder's
+Train with ``factory train-embedded --source digits`` (writes ``factory/weights/digits``); each folder's
 training.json records exactly how its shipped checkpoints were made (the Fashion-MNIST UNet was
-continued for a second phase with ``train_unet(..., init_from=...)``).
+continued for a second phase with ``train_unet(..., init_from=...)``). Any other labelled set
+(``--source imagefolder|parquet|webdataset --root URI --out DIR``) gets a recipe sized from its data
+(:func:`recipe_for`); a job then names ``DIR`` as its ``backbone.checkpoint`` and ``features.checkpoint``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,24 @@ RECIPES: dict[str, dict] = {
         "cnn_aug": {"shift": 0.05, "rot_deg": 0.0, "scale": 0.0, "flip": True},
     },
 }
-DEFAULT_RECIPE = RECIPES["digits"]
+
+
+def recipe_for(size, num_images: int, flip: bool = False) -> dict:
+    """A training recipe for a set this project ships none for, sized from its data.
+
+    The UNet works at the image's side rounded up to a multiple of 4 (two down-samplings), at most 32:
+    larger images are sampled at 32 and resized up, which is what a 2-core budget trains in minutes.
+    Small sides get the digits recipe, larger the Fashion-MNIST one; the CNN sees about 100,000
+    images in all (2 to 60 epochs). Augmentation is a small shift only, plus a horizontal flip when
+    the caller says the data allows it (digits and text do not).
+    """
+    side = max(_hw(size))
+    work = min(32, 4 * math.ceil(side / 4))
+    base = RECIPES["digits"] if work <= 16 else RECIPES["fashion_mnist"]
+    return {**base, "sample_size": work,
+            "cnn": {**base["cnn"], "work_size": max(16, work)},
+            "cnn_epochs": int(min(60, max(2, round(100_000 / max(1, num_images))))),
+            "cnn_aug": {"shift": 0.05, "rot_deg": 0.0, "scale": 0.0, "flip": bool(flip)}}
 
 
 # ----------------------------------------------------------------------------- size conversion
@@ -240,16 +259,20 @@ def _setup(seed: int, threads: int = 2) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _real(dataset: str, max_train: int | None, gen: torch.Generator):
+def _real(source: str, root: str | None, max_train: int | None, gen: torch.Generator, real=None):
     from factory.data import load_real
 
-    real = load_real(dataset, "train")
+    real = real if real is not None else load_real(source, "train", root)
     x = torch.from_numpy(real.to_float())
     y = torch.from_numpy(real.labels)
     if max_train is not None and max_train < len(x):
         idx = torch.randperm(len(x), generator=gen)[:max_train]
         x, y = x[idx], y[idx]
     return real, x, y
+
+
+def _recipe(source: str, real, recipe: dict | None) -> dict:
+    return recipe or RECIPES.get(source) or recipe_for(real.size, len(real.labels))
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -259,23 +282,26 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *,
+def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *, root: str | None = None,
+               recipe: dict | None = None, real=None,
                batch_size: int | None = None, lr: float | None = None, p_uncond: float = 0.1,
                ema_decay: float = 0.999, sample_size=None, unet_kwargs: dict | None = None,
                max_train: int | None = None, log_every: int = 250, threads: int = 2,
                init_from: str | Path | None = None) -> dict:
     """Train the class-conditional UNet (epsilon MSE, label dropout ``p_uncond`` to NULL, EMA weights).
 
+    ``dataset`` is a data source (``root`` its folder or URI where it needs one; ``real`` its train split
+    when already loaded); ``recipe`` defaults to the packaged one or :func:`recipe_for` the data.
     ``init_from`` continues from an existing UNet checkpoint (its config wins over ``unet_kwargs``).
     Writes ``out_dir/unet`` (EMA weights) and ``out_dir/scheduler``; returns a summary dict.
     """
     from diffusers import DDPMScheduler
 
-    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    gen = _setup(seed, threads)
+    real, x, y = _real(dataset, root, max_train, gen, real)
+    recipe = _recipe(dataset, real, recipe)
     batch_size = batch_size or recipe["unet_batch"]
     lr = lr or recipe["unet_lr"]
-    gen = _setup(seed, threads)
-    real, x, y = _real(dataset, max_train, gen)
     size = sample_size or recipe["sample_size"]
     x = to_model_space(x, size).contiguous()
     num_classes = real.num_classes
@@ -356,23 +382,23 @@ def accuracy(cnn: FeatureCNN, x: torch.Tensor, y: torch.Tensor, batch: int = 100
     return float((pred == y).float().mean())
 
 
-def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
+def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *, root: str | None = None,
+              recipe: dict | None = None, real=None,
               batch_size: int | None = None, lr: float | None = None, cnn_kwargs: dict | None = None,
               augment: bool | dict = True, max_train: int | None = None, threads: int = 2) -> dict:
     """Train the FeatureCNN classifier on the train split; writes ``out_dir/cnn``.
 
     ``augment``: True = the dataset recipe's jitter, False = none, or a dict of :func:`_augment` kwargs.
 
-    The returned summary includes the test-split accuracy (reported, never used for selection).
+    The returned summary includes the test-split accuracy (reported, never used for selection; None
+    when the set has no test split of its own).
     """
-    from factory.data import load_real
-
-    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
+    gen = _setup(seed, threads)
+    real, x, y = _real(dataset, root, max_train, gen, real)
+    recipe = _recipe(dataset, real, recipe)
     batch_size = batch_size or recipe["cnn_batch"]
     lr = lr or recipe["cnn_lr"]
     aug = recipe.get("cnn_aug", {}) if augment is True else (augment or None)
-    gen = _setup(seed, threads)
-    real, x, y = _real(dataset, max_train, gen)
     cnn = FeatureCNN(in_channels=x.shape[1], num_classes=real.num_classes, image_size=real.size,
                      **(cnn_kwargs or recipe["cnn"])).train()
     opt = torch.optim.AdamW(cnn.parameters(), lr=lr, weight_decay=5e-4)
@@ -401,47 +427,72 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *,
                   f"({time.time() - t0:.0f}s)", flush=True)
     wall, cpu = time.time() - t0, time.process_time() - c0
     cnn.eval()
-    test = load_real(dataset, "test")
-    test_acc = accuracy(cnn, torch.from_numpy(test.to_float()), torch.from_numpy(test.labels))
+    test = _test_split(dataset, root, real)
+    test_acc = None if test is None else round(accuracy(cnn, torch.from_numpy(test.to_float()),
+                                                        torch.from_numpy(test.labels)), 4)
     train_acc = accuracy(cnn, x, y)
-    print(f"[cnn:{dataset}] train acc {train_acc:.4f}, test acc {test_acc:.4f}", flush=True)
+    print(f"[cnn:{dataset}] train acc {train_acc:.4f}, test acc {test_acc}", flush=True)
     cnn.save(Path(out_dir) / "cnn")
     return {"epochs": epochs, "batch_size": batch_size, "lr": lr, "augment": aug,
-            "train_images": len(x), "train_acc": round(train_acc, 4), "test_acc": round(test_acc, 4),
+            "train_images": len(x), "train_acc": round(train_acc, 4), "test_acc": test_acc,
             "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def train_embedded(dataset: str, out_dir: str | Path = WEIGHTS_DIR, seed: int = 0, quick: bool = False,
-                   threads: int = 2) -> dict:
-    """Train UNet + scheduler + FeatureCNN for ``dataset`` into ``out_dir/<dataset>/``.
+def _test_split(source: str, root: str | None, train):
+    """The set's test split, or None where it has none of its own (a folder without split sub-folders
+    reads as the train images again)."""
+    from factory.data import DataError, load_real
 
-    ``quick`` shrinks the run (steps/epochs/train set) for smoke tests. Writes training.json.
+    try:
+        test = load_real(source, "test", root)
+    except DataError:
+        return None
+    if len(test.labels) == len(train.labels) and np.array_equal(test.images, train.images):
+        return None
+    return test
+
+
+def train_embedded(source: str, out_dir: str | Path | None = None, seed: int = 0, quick: bool = False,
+                   threads: int = 2, *, root: str | None = None, flip: bool = False,
+                   max_images: int | None = None) -> dict:
+    """Train UNet + scheduler + FeatureCNN on the train split of ``source`` into the folder ``out_dir``.
+
+    ``out_dir`` defaults to the packaged ``factory/weights/<source>`` for digits and fashion_mnist; any
+    other source needs one. Everything is written to ``<out_dir>.partial`` and moved into place last,
+    training.json (the recipe, class names, wall times) included, so a crash leaves no half checkpoint.
+    ``quick`` shrinks the run (steps/epochs/train set) for smoke tests.
     """
-    recipe = RECIPES.get(dataset, DEFAULT_RECIPE)
-    steps, epochs, max_train = recipe["unet_steps"], recipe["cnn_epochs"], recipe["max_train"]
+    import shutil
+
+    from factory.data import load_real
+
+    if out_dir is None:
+        if source not in RECIPES:
+            raise ValueError(f"train-embedded --source {source}: name the output folder (--out DIR)")
+        out_dir = WEIGHTS_DIR / source
+    out_dir = Path(out_dir)
+    real = load_real(source, "train", root)  # a clear error for missing or unreadable data, before any work
+    recipe = RECIPES.get(source) or recipe_for(real.size, len(real.labels), flip=flip)
+    steps, epochs = recipe["unet_steps"], recipe["cnn_epochs"]
+    max_train = max_images or recipe["max_train"]
     if quick:
         steps, epochs, max_train = max(20, steps // 100), 1, min(max_train or 2000, 2000)
-    folder = Path(out_dir) / dataset
-    cnn = train_cnn(dataset, folder, epochs, seed, max_train=max_train, threads=threads)
-    unet = train_unet(dataset, folder, steps, seed, max_train=max_train, threads=threads)
-    summary = {"dataset": dataset, "seed": seed, "quick": quick, "torch": torch.__version__,
-               "unet": unet, "cnn": cnn}
-    (folder / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    started = time.time()
+    common = dict(root=root, recipe=recipe, real=real, max_train=max_train, threads=threads)
+    cnn = train_cnn(source, staging, epochs, seed, **common)
+    unet = train_unet(source, staging, steps, seed, **common)
+    summary = {"dataset": source, "root": root, "seed": seed, "quick": quick, "torch": torch.__version__,
+               "size": list(real.size), "mode": real.mode, "class_names": real.class_names,
+               "recipe": recipe,
+               "wall_s": round(time.time() - started, 1), "unet": unet, "cnn": cnn}
+    (staging / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for part in ("unet", "scheduler", "cnn", "training.json"):  # replace the parts, keep anything else there
+        target = out_dir / part
+        if target.is_dir():
+            shutil.rmtree(target)
+        (staging / part).replace(target)
+    staging.rmdir()
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Train the embedded backbone + feature CNN checkpoints.")
-    ap.add_argument("dataset", choices=sorted(RECIPES))
-    ap.add_argument("--out", default=str(WEIGHTS_DIR))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)")
-    args = ap.parse_args(argv)
-    print(json.dumps(train_embedded(args.dataset, args.out, args.seed, args.quick, args.threads), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -136,3 +136,76 @@ def test_packaged_fashion_mnist_checkpoints(system_package):
     x, y = torch.from_numpy(test.to_float()[:2000]), torch.from_numpy(test.labels[:2000])
     assert cnn(x[:2]).shape == (2, 128)
     assert E.accuracy(cnn, x, y) >= 0.85
+
+
+def _coloured_folder(root, size=12, train_per_class=10, test_per_class=4):
+    """A 3-class RGB image folder with train/ and test/ splits: digits 0-2, resized and tinted per class."""
+    import numpy as np
+    from PIL import Image
+
+    digits = load_real("digits", "train")
+    tints = [(255, 80, 80), (80, 255, 80), (80, 80, 255)]
+    for c, name in enumerate(["zero", "one", "two"]):
+        imgs = digits.of_class(c)[:train_per_class + test_per_class]
+        for i, img in enumerate(imgs):
+            split = "train" if i < train_per_class else "test"
+            grey = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+            rgb = (grey[..., None] * np.asarray(tints[c], dtype=np.float32)).astype(np.uint8)
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb, "RGB").save(root / split / name / f"{i:03d}.png")
+
+
+def test_recipe_for_sizes_the_models_from_the_data():
+    small, mid, large = E.recipe_for((12, 12), 30), E.recipe_for((28, 28), 8000), E.recipe_for((96, 64), 500)
+    assert (small["sample_size"], mid["sample_size"], large["sample_size"]) == (12, 28, 32)
+    assert small["unet"] == E.RECIPES["digits"]["unet"] and mid["unet"] == E.RECIPES["fashion_mnist"]["unet"]
+    assert (small["cnn_epochs"], mid["cnn_epochs"], large["cnn_epochs"]) == (60, 12, 60)
+    assert not mid["cnn_aug"]["flip"] and E.recipe_for((28, 28), 8000, flip=True)["cnn_aug"]["flip"]
+
+
+def test_train_embedded_on_your_own_folder_then_a_job_samples_and_scores_with_it(local_ray, tmp_path):
+    """Bring your own data: train-embedded on an RGB image folder, then `factory run` with its checkpoints."""
+    import os
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from factory.cli import main
+    from factory.data import decode_image
+
+    data, ckpt = tmp_path / "data", tmp_path / "ckpt"
+    _coloured_folder(data)
+    args = ["train-embedded", "--source", "imagefolder", "--root", str(data), "--out", str(ckpt), "--quick",
+            "--threads", "1"]
+    assert main(args) == 0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "data"]  # no .partial left behind
+    training = json.loads((ckpt / "training.json").read_text())
+    assert training["class_names"] == ["one", "two", "zero"] and training["mode"] == "RGB"
+    assert training["size"] == [12, 12] and training["cnn"]["test_acc"] is not None
+    unet = E.load_unet(ckpt)
+    assert (unet.config.in_channels, unet.config.num_class_embeds, unet.config.sample_size) == (3, 4, 12)
+    assert E.load_cnn(ckpt).config["num_classes"] == 3
+
+    job = {"name": "own", "seed": 0, "data": {"source": "imagefolder", "root": str(data)},
+           "backbone": {"name": "tiny", "checkpoint": str(ckpt)}, "features": {"name": "cnn", "checkpoint": str(ckpt)},
+           "sampling": {"steps": 3, "shard_size": 4}, "executor": {"num_actors": [1, 1]},
+           "eval": {"k": 2}, "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 4}}}
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "own.yaml"), "--output", str(out), "--quiet"]) == 0
+    table = pq.read_table(str(out / "cfg" / "parquet"))
+    assert table.num_rows == 12 and sorted(set(table.column("class_name").to_pylist())) == ["one", "two", "zero"]
+    img = decode_image(table.column("image")[0].as_py(), "shard image")
+    assert img.mode == "RGB" and img.size == (12, 12)
+    assert json.loads((out / "metrics.json").read_text())["cfg"]["num_images"] == 12
+
+
+def test_train_embedded_refuses_bad_input_before_writing(tmp_path, capsys):
+    from factory.cli import main
+
+    assert main(["train-embedded", "--source", "imagefolder", "--root", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "ckpt")]) != 0
+    assert "image folder not found" in capsys.readouterr().err
+    assert main(["train-embedded", "--source", "parquet", "--root", str(tmp_path)]) != 0
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
