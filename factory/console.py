@@ -244,8 +244,8 @@ def _fmt(v, digits: int = 3) -> str:
 def _seconds(s: float | None) -> str:
     if s is None:
         return "–"
-    s = float(s)
-    return f"{s:.0f} s" if s < 90 else f"{int(s // 60)} m {s % 60:02.0f} s"
+    s = round(float(s))  # whole seconds first: 179.6 s is 3 m 00 s, not 2 m 60 s
+    return f"{s} s" if s < 90 else f"{s // 60} m {s % 60:02d} s"
 
 
 def summary_table(output: str, metrics: dict, wall: dict, report: str | None = None, log: str | None = None) -> str:

@@ -77,3 +77,9 @@ def test_summary_table_lists_every_set_and_the_stage_times():
     assert low.startswith("lowdensity") and "-58.4" in low and "0.816" in low and low.endswith("0.956")
     assert "wall: 4 m 57 s (sampling 2 m 20 s, scoring 3 s, downstream 2 m 10 s)" in text  # no finetune: 0 s
     assert "report: runs/digits/report.html" in text
+
+
+def test_seconds_round_to_whole_seconds_before_minutes():
+    from factory.console import _seconds
+
+    assert [_seconds(x) for x in (None, 3.4, 89.4, 179.6, 297.0)] == ["–", "3 s", "89 s", "3 m 00 s", "4 m 57 s"]
