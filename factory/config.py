@@ -45,6 +45,7 @@ Format = Literal["parquet", "webdataset"]
 Codec = Literal["png", "jpeg", "webp"]
 DataSource = Literal["digits", "fashion_mnist", "imagefolder", "parquet", "webdataset"]
 Resnet = Literal["resnet18", "resnet34", "resnet50"]
+Classifier = Literal["resnet18", "resnet34", "resnet50", "convnet"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 
 BACKBONES, FEATURE_SPACES = get_args(Backbone), get_args(FeatureSpace)
@@ -368,7 +369,7 @@ class DownstreamConfig(Section):
     """Downstream classifier training on Ray Train, evaluated on the real test split."""
 
     enabled: bool = False
-    model: Resnet = "resnet18"
+    model: Classifier = "resnet18"  # convnet: the dataset-distillation benchmark's ConvNet (instance norm)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: Float = Field(0.05, gt=0)
@@ -378,6 +379,14 @@ class DownstreamConfig(Section):
     parallel: Literal["data", "runs"] = "data"
     use_gpu: bool = False
     train_on: list[Literal["synthetic", "real", "mixed"]] = Field(default_factory=lambda: ["synthetic"])
+    # the distillation protocol (issue 12): each classifier trained with seeds seed .. seed + seeds - 1, reported
+    # as mean and std; random_real adds the row every small synthetic set must beat, a seeded random subset of
+    # the real train split with the recipes' images per class
+    seeds: int = Field(1, ge=1)
+    random_real: bool = False
+    augment: Literal["crop", "resized_crop"] = "crop"  # padded random crop, or random-resized crop (scale 0.5-1)
+    flip: bool = False  # random horizontal flips (not for digits or text)
+    cutmix: float = Field(0.0, ge=0, le=1)  # probability of CutMix on a batch (hard labels mixed by area)
 
 
 class Config(Section):

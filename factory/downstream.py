@@ -38,6 +38,7 @@ SHUFFLE_BYTES = 256 << 20  # decoded bytes a worker's local shuffle buffer may h
 HOLD_BYTES = 256 << 20  # a worker's split up to this many decoded bytes is read once and held (see held)
 TEST = "test"  # the Ray Train dataset name of the real test split
 DATA_CPUS = 1  # CPUs the Ray Train workers leave to Ray Data's read and decode tasks
+REPORTS = 10  # at most this many reports (and checkpoints) per classifier: each costs Ray Train ~1-3 s on 2 cores
 
 
 def base_width(image_size: int) -> int:
@@ -78,17 +79,50 @@ def resnet(name: str, num_classes: int, in_channels: int, image_size: int) -> nn
     return model
 
 
+def convnet(num_classes: int, in_channels: int, size: tuple[int, int], width: int = 128) -> nn.Module:
+    """The dataset-distillation benchmark's ConvNet (Gidaris & Komodakis; the DC/DM/MinimaxDiffusion protocol of
+    paper 003): blocks of 3x3 conv, instance norm (a GroupNorm group per channel), ReLU and 2x2 average pooling,
+    then one linear layer; depth 2 up to 16 px (digits' 8x8 ends at 2x2), 3 up to 32 (ConvNet-3), 4 above."""
+    h, w = size
+    depth = 2 if max(h, w) <= 16 else 3 if max(h, w) <= 32 else 4
+    layers, c = [], in_channels
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width), nn.ReLU(inplace=True),
+                   nn.AvgPool2d(2)]
+        c, h, w = width, h // 2, w // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * h * w, num_classes))
+
+
+def classifier(name: str, num_classes: int, in_channels: int, size: tuple[int, int]) -> nn.Module:
+    """The downstream model ``name``: a ResNet sized for the input (:func:`resnet`) or the ConvNet."""
+    if name == "convnet":
+        return convnet(num_classes, in_channels, tuple(size))
+    return resnet(name, num_classes, in_channels, max(size))
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 
 class TrainSet(NamedTuple):
     """One classifier's training set: synthetic shards (their Parquet files or folder; ``shard_images`` rows in
-    all), the real train split, or both ("mixed")."""
+    all), the real train split, or both ("mixed"); ``real_per_class``: only a random subset of the real train
+    split, that many images of each class (drawn with the run's seed). ``seed`` is added to the run's seed
+    (the classifier's initialisation, order, augmentation and subset)."""
 
     name: str
     shards: str | list[str] | None
     shard_images: int
     real: bool
+    real_per_class: int | None = None
+    seed: int = 0
+
+
+def random_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``per_class`` images of each class (all of a smaller class)."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(idx, min(per_class, len(idx)), replace=False)
+             for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(picks))
 
 
 def decode_png(batch: dict, mode: str, size: tuple[int, int]) -> dict:
@@ -177,7 +211,11 @@ def train_size(train: TrainSet, info) -> tuple[str, int]:
     """A classifier's set: its mode ("synthetic" | "real" | "mixed") and number of images."""
     if not train.shards and not train.real:
         raise ValueError(f"downstream run {train.name!r} needs synthetic shards, the real train split or both")
-    n = (int(train.shard_images) if train.shards else 0) + (int(sum(info.counts["train"])) if train.real else 0)
+    if train.real and train.real_per_class:
+        real = sum(min(int(c), train.real_per_class) for c in info.counts["train"])
+    else:
+        real = int(sum(info.counts["train"])) if train.real else 0
+    n = (int(train.shard_images) if train.shards else 0) + real
     return ("mixed" if train.shards and train.real else "synthetic" if train.shards else "real"), n
 
 
@@ -249,7 +287,8 @@ def held(n: int, image_bytes: int) -> bool:
 def read_held(files: list[str], real: dict | None, mode: str, size: tuple[int, int], rank: int,
               world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A worker's held split, read straight from storage: every ``world``-th row (from ``rank``) of the Parquet
-    ``files`` in their sorted order, then of the real split ``real`` (``{"source", "root", "split"}``).
+    ``files`` in their sorted order, then of the real split ``real`` (``{"source", "root", "split"}``, and
+    ``"per_class"``, ``"subset_seed"`` for a random subset of it: :func:`random_subset`).
 
     No Ray Data execution (each costs a scheduling round and task starts: 15-19 s per classifier on 2 cores,
     more than training the quickstart's sets), and the rows come in the same order on every run, so a seeded
@@ -272,7 +311,10 @@ def read_held(files: list[str], real: dict | None, mode: str, size: tuple[int, i
             labels.append(torch.from_numpy(batch["label"]))
     if real is not None:
         split = _checked_split(real["source"], real["root"], real["split"], mode, size)
-        idx = np.arange((rank - offset) % world, len(split.labels), world)
+        idx = np.arange(len(split.labels))
+        if real.get("per_class"):
+            idx = random_subset(split.labels, real["per_class"], real["subset_seed"])
+        idx = idx[(rank - offset) % world::world]
         images.append(torch.from_numpy(np.ascontiguousarray(split.images[idx])))
         labels.append(torch.from_numpy(split.labels[idx].astype(np.int64)))
     return torch.cat(images), torch.cat(labels)
@@ -287,6 +329,41 @@ def held_batches(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed
         yield {"image": images[idx], "label": labels[idx]}
 
 
+
+
+def _resized_crop(x: torch.Tensor, gen: torch.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per-image random-resized crop back to the batch's size (torchvision's op; its parameters drawn from
+    ``gen``, so a seeded run is repeatable)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(*scale, generator=gen) * h * w
+    aspect = torch.exp(torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    ch = (area / aspect).sqrt().round().clamp(1, h).long()
+    cw = (area * aspect).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, generator=gen) * (h - ch + 1)).long()
+    left = (torch.rand(n, generator=gen) * (w - cw + 1)).long()
+    return torch.stack([TF.resized_crop(x[i], int(top[i]), int(left[i]), int(ch[i]), int(cw[i]), [h, w],
+                                        antialias=True) for i in range(n)])
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, config: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch's augmentation: padded random crop (or random-resized crop), optional horizontal flip,
+    and CutMix on a ``config["cutmix"]`` share of batches (torchvision's; its targets are then the two hard
+    labels mixed by area). Returns the images and the targets (class ids, or class probabilities after CutMix)."""
+    if config.get("augment", "crop") == "resized_crop":
+        x = _resized_crop(x, gen)
+    else:
+        x = _random_crop(x, max(1, config["image_size"] // 8), gen)
+    if config.get("flip"):
+        x = torch.where((torch.rand(len(x), generator=gen) < 0.5)[:, None, None, None], x.flip(-1), x)
+    if config.get("cutmix") and float(torch.rand(1, generator=gen)) < config["cutmix"]:
+        from torchvision.transforms import v2
+
+        with torch.random.fork_rng(devices=[]):  # CutMix draws from the global generator: seed it from ours
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            x, y = v2.CutMix(num_classes=config["num_classes"])(x, y)
+    return x, y
 
 
 def _random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
@@ -329,6 +406,13 @@ def _evaluate(model: nn.Module, config: dict, rank: int, world: int, device: tor
         dist.broadcast(counts, 0)
     counts = counts.cpu().long()
     return {"correct": counts[0].tolist(), "images": counts[1].tolist()}
+
+
+def report_epochs(start: int, epochs: int, every: int) -> list[int]:
+    """The epochs (counted from 1) after which a classifier started at epoch ``start`` reports and saves a
+    checkpoint: every ``every``-th and the last (the distillation protocol's thousand epochs of a few images
+    would otherwise spend their time in Ray Train's reports)."""
+    return [e for e in range(start + 1, epochs + 1) if e % every == 0 or e == epochs]
 
 
 def accuracy(counts: dict) -> float:
@@ -374,7 +458,8 @@ def train_loop(config: dict) -> None:
     if by_runs:  # as many reports as the busiest worker, each with this worker's last state and results
         left = [0] * world
         for s in todo:
-            left[s["rank"]] += epochs - states.get(s["name"], {}).get("epoch", 0)
+            left[s["rank"]] += len(report_epochs(states.get(s["name"], {}).get("epoch", 0), epochs,
+                                                 config["report_every"]))
         for _ in range(max(left) - left[rank]):
             _report(config, {**last, "done": dict(done)}, rank, trains=True)
 
@@ -419,9 +504,10 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
     by_runs = config["parallel"] == "runs"
     part, parts = (0, 1) if by_runs else (rank, world)  # this worker's share of the rows
     ddp = parts > 1 and dist.is_initialized()
-    torch.manual_seed(config["seed"] + part)
+    seed = config["seed"] + spec.get("seed", 0)
+    torch.manual_seed(seed + part)
     gen = torch.Generator()
-    net = resnet(config["model"], config["num_classes"], config["in_channels"], config["image_size"])
+    net = classifier(config["model"], config["num_classes"], config["in_channels"], tuple(config["size"]))
     model = ray.train.torch.prepare_model(net, parallel_strategy=None if by_runs else "ddp")
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     start, history = 0, []
@@ -432,41 +518,43 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
 
     epochs, batch_size = config["epochs"], spec["batch_size"]
     steps = max(1, spec["train_images"] // parts // batch_size)  # per epoch and worker
-    pad = max(1, config["image_size"] // 8)
     if spec["held"]:  # read once, straight from storage
         split = read_held(spec["files"], spec["real"], config["image_mode"], tuple(config["size"]), part, parts)
     else:
         shard = ray.train.get_dataset_shard(name)
     state = {"current": None}
+    reports, shown = set(report_epochs(start, epochs, config["report_every"])), start
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images since the last report
+    began = time.perf_counter()
     for epoch in range(start, epochs):
-        began = time.perf_counter()
         model.train()
-        gen.manual_seed(config["seed"] + part + 1000 * epoch)  # augmentation: the same on a resumed run
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, images
+        gen.manual_seed(seed + part + 1000 * epoch)  # augmentation: the same on a resumed run
         if spec["held"]:
-            batches = held_batches(split, batch_size, config["seed"] + 1000 * epoch + part)
+            batches = held_batches(split, batch_size, seed + 1000 * epoch + part)
         else:
             batches = shard.iter_torch_batches(
                 batch_size=batch_size, drop_last=True,  # equal steps on every worker; BatchNorm needs > 1 image
                 local_shuffle_buffer_size=spec["shuffle_buffer"],
-                local_shuffle_seed=config["seed"] + 1000 * epoch + part,
+                local_shuffle_seed=seed + 1000 * epoch + part,
             )
         for i, batch in enumerate(batches):
             t = min(1.0, (epoch + i / steps) / epochs)  # cosine schedule over the whole run
             for group in opt.param_groups:
                 group["lr"] = config["lr"] * 0.5 * (1.0 + math.cos(math.pi * t))
-            x = _random_crop(to_pixels(batch["image"]), pad, gen).to(device)
-            y = batch["label"].to(device)
+            x, y = augment(to_pixels(batch["image"]), batch["label"], config, gen)
+            x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum[0] += loss.item() * len(y)
-            loss_sum[1] += len(y)
-        if ddp:
-            dist.all_reduce(loss_sum)
-        history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                        "seconds": round(time.perf_counter() - began, 2)})  # its training, on this worker
+            loss_sum[0] += loss.item() * len(x)
+            loss_sum[1] += len(x)
+        if epoch + 1 in reports:  # the history: one entry per report, the mean loss since the last one
+            if ddp:
+                dist.all_reduce(loss_sum)
+            history.append({"epoch": epoch + 1, "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                            "seconds": round(time.perf_counter() - began, 2)})  # its training, on this worker
+            loss_sum.zero_()
         if epoch + 1 == epochs:  # judged once, at the end: every pass over the test set is a Ray Data execution
             if ddp:  # every worker holds rank 0's BatchNorm statistics
                 for b in net.buffers():
@@ -475,17 +563,22 @@ def _train_one(config: dict, spec: dict, state: dict | None, done: dict, rank: i
             history[-1]["test_accuracy"] = accuracy(counts)
             done[name] = {"accuracy": accuracy(counts), "test_counts": counts, "epochs": epochs,
                           "history": list(history), "resumed_from": start,
-                          "train_images": spec["train_images"], "mode": spec["mode"], "held": spec["held"]}
+                          "train_images": spec["train_images"], "mode": spec["mode"], "held": spec["held"],
+                          "seed": seed}
+        if epoch + 1 not in reports:
+            continue
         # the results travel in the checkpoint; under ``data`` rank 0 alone saves the (replicated) state
         trains = by_runs or rank == 0
         state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                  "history": history, "current": name, "done": dict(done)}
         _report(config, state, rank, trains)
-        if trains and config.get("progress") is not None:  # the driver's bar: one epoch of one classifier
+        if trains and config.get("progress") is not None:  # the driver's bar: the epochs since the last report
             try:
-                config["progress"].put_nowait((name, epoch + 1, spec["train_images"]))
+                config["progress"].put_nowait((name, epoch + 1, spec["train_images"] * (epoch + 1 - shown)))
             except Exception:  # a full or lost queue costs the bar a tick, never the run
                 pass
+        shown = epoch + 1
+        began = time.perf_counter()
     return state
 
 
@@ -592,10 +685,15 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
             batch_size = max(2, min(cfg.batch_size, n // parts))  # a tiny set trains
             spec = {"name": run.name, "mode": mode, "train_images": n, "batch_size": batch_size,
                     "shuffle_buffer": shuffle_buffer(n // parts, batch_size, image_bytes),
-                    "held": held(-(-n // parts), image_bytes), "rank": 0}
+                    "held": held(-(-n // parts), image_bytes), "rank": 0, "seed": run.seed}
+            if run.real_per_class and not held(int(sum(info.counts["train"])), image_bytes):
+                raise ValueError(f"downstream run {run.name!r}: a random subset of a real train split over "
+                                 f"{HOLD_BYTES >> 20} MiB decoded is not supported (it is drawn from the whole split)")
             if spec["held"]:  # each worker reads its rows itself: no Ray Data execution (see read_held)
                 spec["files"] = parquet_files(run.shards) if run.shards else []
                 spec["real"] = {"source": data.source, "root": root, "split": "train"} if run.real else None
+                if run.real and run.real_per_class:
+                    spec["real"] |= {"per_class": run.real_per_class, "subset_seed": seed + run.seed}
             else:
                 datasets[run.name] = build_dataset(run, data, info, seed + i)[0]
             specs.append(spec)
@@ -606,6 +704,8 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
             "runs": specs, "model": cfg.model, "num_classes": info.num_classes,
             "in_channels": 1 if info.mode == "L" else 3, "image_size": max(info.size), "epochs": cfg.epochs,
             "lr": cfg.lr, "use_gpu": cfg.use_gpu, "seed": seed, "progress": None, "parallel": cfg.parallel,
+            "augment": cfg.augment, "flip": cfg.flip, "cutmix": cfg.cutmix,
+            "report_every": max(1, math.ceil(cfg.epochs / REPORTS)),
             "image_mode": info.mode, "size": list(info.size),
             "test_held": {"source": data.source, "root": root, "split": "test"} if test_held else None,
         }
@@ -641,6 +741,7 @@ def train_and_evaluate_many(runs: list[TrainSet], data, info, cfg: DownstreamCon
             "train_images": int(r["train_images"]), "mode": r["mode"], "held": r.get("held"),
             "history": [dict(h) for h in r["history"]],
             "resumed_from": int(r["resumed_from"]) if trained else int(r["epochs"]), "epochs_trained": int(trained),
+            "seed": r.get("seed", seed + run.seed),
         }
     return out
 

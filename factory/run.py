@@ -106,9 +106,9 @@ def downstream_stage(cfg: Config, output: str, plan: Plan, info, sink: ShardSink
 
     require_shards(plan, sink, "downstream")
     t0 = time.perf_counter()
-    accuracy = run_downstream(cfg, output, plan, info, progress=progress)
+    results = run_downstream(cfg, output, plan, info, progress=progress)
     LOG.info("downstream: %.1f s", time.perf_counter() - t0)
-    return marker.write(sink, "downstream", time.perf_counter() - t0, accuracy=accuracy)
+    return marker.write(sink, "downstream", time.perf_counter() - t0, **results)
 
 
 def collect_metrics(cfg: Config, sink: ShardSink, stage: str, strict: bool = True) -> dict:
@@ -123,8 +123,13 @@ def collect_metrics(cfg: Config, sink: ShardSink, stage: str, strict: bool = Tru
         downstream = marker.require(sink, "downstream", stage, "accuracies")
     if downstream:
         for name, accuracy in downstream["accuracy"].items():
+            if name not in metrics and name in downstream.get("images", {}):  # a random real subset: no scores
+                metrics[name] = {"num_images": downstream["images"][name]}
             if name in metrics:
                 metrics[name]["downstream"] = accuracy
+                if cfg.downstream.seeds > 1:
+                    metrics[name]["downstream_std"] = downstream["accuracy_std"][name]
+                    metrics[name]["downstream_seeds"] = downstream["accuracy_seeds"][name]
     return metrics
 
 

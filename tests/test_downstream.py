@@ -292,3 +292,35 @@ def test_runs_dealt_to_two_workers_equal_one_worker_training_them_all_and_resume
         r = longer[name]
         assert (r["epochs"], r["resumed_from"], r["epochs_trained"]) == (2, start, 2 - start), (name, r)
         assert (r["history"][0] == dealt[name]["history"][0]) == (start == 1), name
+
+
+def test_random_subset_draws_per_class_by_seed():
+    from factory.downstream import random_subset
+
+    labels = np.repeat(np.arange(3), [5, 2, 7])
+    a, b, c = random_subset(labels, 3, 0), random_subset(labels, 3, 0), random_subset(labels, 3, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.bincount(labels[a]).tolist() == [3, 2, 3] and np.all(np.diff(a) > 0)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (28, 28), (12, 20), (64, 64)])
+def test_convnet_fits_any_input_size(size):
+    from factory.downstream import classifier
+
+    net = classifier("convnet", 7, 3, size)
+    assert net(torch.zeros(2, 3, *size)).shape == (2, 7)
+
+
+def test_augment_is_seeded_and_cutmix_mixes_hard_labels():
+    from factory.downstream import augment
+
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 3
+    config = {"augment": "resized_crop", "flip": True, "cutmix": 1.0, "num_classes": 3, "image_size": 8}
+    a = augment(x, y, config, torch.Generator().manual_seed(0))
+    b = augment(x, y, config, torch.Generator().manual_seed(0))
+    c = augment(x, y, config, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert a[0].shape == x.shape and a[1].shape == (6, 3)  # CutMix: class probabilities
+    assert torch.allclose(a[1].sum(1), torch.ones(6)) and (a[1] > 0).sum(1).max() <= 2
+    crop, labels = augment(x, y, {"image_size": 8}, torch.Generator().manual_seed(0))  # the default: crop only
+    assert torch.equal(labels, y) and crop.shape == x.shape
