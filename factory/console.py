@@ -265,11 +265,13 @@ def summary_table(output: str, metrics: dict, wall: dict, report: str | None = N
         for _, key, digits in columns:
             v = m.get(key)
             cells.append(f"{v:,}" if key == "num_images" and v is not None else _fmt(v, digits))
-        acc = dict(m.get("downstream") or {})
+        acc, std = dict(m.get("downstream") or {}), dict(m.get("downstream_std") or {})
         if "real" in acc and modes:
             acc.setdefault(modes[0], acc.pop("real"))
-        for mode in modes:
-            cells.append(_fmt(acc.get(mode)))
+            if "real" in std:
+                std.setdefault(modes[0], std.pop("real"))
+        for mode in modes:  # the mean over downstream.seeds, ± their std
+            cells.append(_fmt(acc.get(mode)) + (f" ± {std[mode]:.3f}" if mode in std else ""))
         rows.append(cells)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -252,6 +252,9 @@ def metrics_view(metrics: dict, k: int | None = None) -> dict:
         for key, _, _ in cols:
             v = value(n, key)
             text = f"{100 * v:.1f} %" if key.startswith("downstream:") and isinstance(v, (int, float)) else _num(v, key)
+            std = (metrics[n].get("downstream_std") or {}).get(key.split(":", 1)[1]) if key.startswith("downstream:") else None
+            if std is not None and isinstance(v, (int, float)):  # the mean over downstream.seeds
+                text = f"{100 * v:.1f} ± {100 * std:.1f} %"
             cells.append({"text": text, "best": n in best[key]})
         rows.append({"name": n, "real": n == "real", "cells": cells})
     return {"headers": [{"key": key, "lines": h.split(" · "), "arrow": ARROWS[b] if b else ""} for key, h, b in cols],

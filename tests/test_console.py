@@ -83,3 +83,12 @@ def test_seconds_round_to_whole_seconds_before_minutes():
     from factory.console import _seconds
 
     assert [_seconds(x) for x in (None, 3.4, 89.4, 179.6, 297.0)] == ["–", "3 s", "89 s", "3 m 00 s", "4 m 57 s"]
+
+
+def test_summary_table_shows_the_mean_and_std_over_seeds_and_the_random_real_row():
+    metrics = {"random_real": {"num_images": 100, "downstream": {"real": 0.912}, "downstream_std": {"real": 0.014}},
+               "cfg": {"num_images": 100, "precision": 0.99, "downstream": {"synthetic": 0.93},
+                       "downstream_std": {"synthetic": 0.008}}}
+    lines = summary_table("out", metrics, {"total": 60.0}).splitlines()
+    assert lines[2].startswith("random_real") and lines[2].endswith("0.912 ± 0.014") and " – " in lines[2]
+    assert lines[3].startswith("cfg") and lines[3].endswith("0.930 ± 0.008")

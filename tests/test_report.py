@@ -426,3 +426,14 @@ def test_metrics_table_names_the_prdc_k_with_downstream_columns():
     cells = {r["name"]: [c["text"] for c in r["cells"]] for r in view["rows"]}
     assert cells["cfg"][-2:] == ["90.0 %", "–"] and cells["real"][-2:] == ["–", "95.0 %"]
     assert [h["lines"] for h in view["headers"][-2:]] == [["accuracy", "synthetic"], ["accuracy", "real"]]
+
+
+def test_metrics_table_shows_seeds_as_mean_and_std_and_a_row_without_scores():
+    from factory.report import metrics_view
+
+    view = metrics_view({"cfg": {"precision": 0.9, "downstream": {"synthetic": 0.9}, "downstream_std": {"synthetic": 0.012}},
+                         "random_real": {"num_images": 100, "downstream": {"real": 0.91}}})
+    cells = {r["name"]: [c["text"] for c in r["cells"]] for r in view["rows"]}
+    assert cells["cfg"][-2:] == ["90.0 ± 1.2 %", "–"] and cells["random_real"][-2:] == ["–", "91.0 %"]
+    precision = [h["key"] for h in view["headers"]].index("precision")
+    assert cells["random_real"][precision] == "–"  # the score stage does not judge a real subset
