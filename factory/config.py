@@ -471,10 +471,20 @@ def _message(err: dict) -> str:
     return f"{path}: {err['msg']}"
 
 
-def _set_dotted(data: dict, dotted: str, value) -> None:
-    keys = dotted.split(".")
+def _set_dotted(data: dict, dotted: str, value, keys: list[str] | None = None) -> None:
+    """Set ``dotted`` (``a.b.c``) in ``data``; a ``*`` stands for every key of the mapping there, as in
+    ``recipes.*.images_per_class=50`` (every recipe of a low-IPC job at once)."""
+    keys = dotted.split(".") if keys is None else keys
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
+        if k == "*":
+            if not node:
+                raise ConfigError(f"--set {dotted}: '*' matches nothing (an empty mapping)")
+            for name, child in node.items():
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {dotted}: {name!r} is not a mapping")
+                _set_dotted(child, dotted, value, keys[i + 1:])
+            return
         if not isinstance(node.get(k), dict):
             node[k] = {} if node.get(k) is None else node[k]
             if not isinstance(node[k], dict):

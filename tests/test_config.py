@@ -169,3 +169,12 @@ def test_param_defaults_are_the_guidance_modules_defaults():
         assert len(given) == n and all(ours[k] == v for k, v in given.items()), (model, given, ours)
     assert ChamferParams().k == inspect.signature(guidance.ChamferEnergy.from_features).parameters["k"].default
     assert OTParams().K == inspect.signature(guidance.OTEnergy.from_features).parameters["K"].default
+
+
+def test_a_star_in_an_override_sets_every_recipe():
+    job = load_config(Path(__file__).parents[1] / "jobs" / "digits_ipc.yaml", ["recipes.*.images_per_class=50"])
+    assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 9
+    with pytest.raises(ConfigError, match=r"recipes\.\*\.x: .*nothing"):
+        from_dict({"recipes": {}}, parse_overrides(["recipes.*.x=1"]))
+    with pytest.raises(ConfigError, match="'name' is not a mapping"):
+        from_dict({"name": "x"}, parse_overrides(["*.steps=1"]))
