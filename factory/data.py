@@ -249,6 +249,15 @@ def shard_files(root: str, suffix: str, split: str | None = None) -> tuple[fsspe
     return fs, files
 
 
+def has_own_split(source: str, root: str | None, split: str) -> bool:
+    """Whether the set has a ``split`` of its own. An image folder, Parquet or WebDataset root without a
+    ``<split>/`` folder reads as the same images for every split, so its "test" split is the train images."""
+    if source not in ("imagefolder", "parquet", "webdataset") or not root:
+        return True
+    fs, path = fsspec.core.url_to_fs(root)
+    return fs.isdir(f"{path.rstrip('/')}/{split}")
+
+
 def read_class_index(root: str) -> dict | None:
     """``<root>/classes.json`` (written by ``factory prepare``: ``class_names`` in label order, size, mode,
     counts per split), or None when the set has none."""

@@ -17,11 +17,13 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from factory import __version__
 from factory.config import Config
+from factory.data import has_own_split
 from factory.dataplane import ensure_ray
 from factory.plan import Plan, build_plan, resolve_labels  # noqa: F401  (the run's plan; tests and benches import it here)
 from factory.shards import ShardSink
@@ -178,6 +180,11 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
         output = os.path.abspath(output)
     t_start = time.perf_counter()
     info = real_info(cfg)  # names, size, mode, counts: from a prepared set's class index, no images
+    if not has_own_split(cfg.data.source, cfg.data.root, "test"):  # said on the console too: every figure is in-sample
+        message = (f"data.root {cfg.data.root} has no test/ folder: the test split is the train images, so every "
+                   "metric and downstream accuracy is in-sample (factory prepare --test-fraction carves a test split)")
+        LOG.warning(message)
+        print(f"factory: warning: {message}", file=sys.stderr)
     plan = build_plan(cfg, info)
     for note in check_checkpoints(cfg):  # files present, no weights read: the actors load the models
         LOG.info("pre-flight: %s", note)

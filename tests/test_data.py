@@ -83,3 +83,13 @@ def test_imagefolder_bad_input(tmp_path):
         load_real("imagefolder", "train", root=str(tmp_path / "missing"))
     with pytest.raises(DataError, match="unknown data source"):
         load_real("imagenet", "train")
+
+
+def test_a_folder_without_a_test_folder_has_no_test_split_of_its_own(tmp_path):
+    from factory.data import has_own_split
+
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    (tmp_path / "split" / "test" / "cat").mkdir(parents=True)
+    assert not has_own_split("imagefolder", str(tmp_path / "flat"), "test")
+    assert has_own_split("imagefolder", str(tmp_path / "split"), "test")
+    assert has_own_split("parquet", str(tmp_path / "split"), "test") and has_own_split("digits", None, "test")
