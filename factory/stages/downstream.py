@@ -42,7 +42,10 @@ def classifier_runs(cfg, plan) -> list[Run]:
     if d.random_real:  # one row per distinct images-per-class of the recipes
         ipcs = sorted({rp.images_per_class for rp in plan.recipes})
         sets += [("random_real" if len(ipcs) == 1 else f"random_real_{k}", "real", k) for k in ipcs]
+    taken = {name for name, _, _ in sets}
     for rp in plan.recipes:
+        if rp.recipe in taken:
+            raise ValueError(f"recipe {rp.recipe!r}: the name of a downstream row of real images; rename the recipe")
         sets += [(rp.recipe, mode, None) for mode in d.train_on if mode != "real"]
     return [Run(f"{name}-{mode}" + (f"-s{i}" if i else ""), name, mode, i, k)
             for name, mode, k in sets for i in range(d.seeds)]

@@ -106,3 +106,16 @@ def test_the_distillation_protocol_trains_seeds_and_a_random_real_subset(local_r
     assert {r["seed"] for r in results.values()} == {0, 1} and all(r["train_images"] == 100 for r in results.values())
     # a seed changes the classifier (initialisation, order, augmentation; for random_real the subset too)
     assert results["cfg-synthetic.json"]["history"] != results["cfg-synthetic-s1.json"]["history"]
+
+
+def test_a_recipe_named_like_a_real_row_is_refused():
+    from factory.stages.downstream import classifier_runs
+
+    cfg = from_dict({"recipes": {"random_real": {"images_per_class": 10}},
+                     "downstream": {"enabled": True, "random_real": True, "seeds": 2}})
+    plan = Plan([RecipePlan("random_real", 10, 10)], list(range(10)), [str(i) for i in range(10)], 0)
+    with pytest.raises(ValueError, match="recipe 'random_real': the name of a downstream row"):
+        classifier_runs(cfg, plan)
+    cfg = from_dict({"recipes": {"cfg": {"images_per_class": 10}}, "downstream": {"enabled": True, "seeds": 2}})
+    plan = Plan([RecipePlan("cfg", 10, 10)], list(range(10)), [str(i) for i in range(10)], 0)
+    assert [r.name for r in classifier_runs(cfg, plan)] == ["cfg-synthetic", "cfg-synthetic-s1"]
