@@ -427,7 +427,7 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *, 
                   f"({time.time() - t0:.0f}s)", flush=True)
     wall, cpu = time.time() - t0, time.process_time() - c0
     cnn.eval()
-    test = _test_split(dataset, root, real)
+    test = _test_split(dataset, root)
     test_acc = None if test is None else round(accuracy(cnn, torch.from_numpy(test.to_float()),
                                                         torch.from_numpy(test.labels)), 4)
     train_acc = accuracy(cnn, x, y)
@@ -438,18 +438,16 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *, 
             "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
-def _test_split(source: str, root: str | None, train):
-    """The set's test split, or None where it has none of its own (a folder without split sub-folders
-    reads as the train images again)."""
-    from factory.data import DataError, load_real
+def _test_split(source: str, root: str | None):
+    """The set's test split, or None where it has none of its own (see :func:`factory.data.has_own_split`)."""
+    from factory.data import DataError, has_own_split, load_real
 
+    if not has_own_split(source, root, "test"):
+        return None
     try:
-        test = load_real(source, "test", root)
+        return load_real(source, "test", root)
     except DataError:
         return None
-    if len(test.labels) == len(train.labels) and np.array_equal(test.images, train.images):
-        return None
-    return test
 
 
 def train_embedded(source: str, out_dir: str | Path | None = None, seed: int = 0, quick: bool = False,

@@ -209,3 +209,10 @@ def test_train_embedded_refuses_bad_input_before_writing(tmp_path, capsys):
     assert main(["train-embedded", "--source", "parquet", "--root", str(tmp_path)]) != 0
     assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_flat_folder_has_no_test_split_to_report(tmp_path):
+    _coloured_folder(tmp_path / "split")
+    flat = tmp_path / "split" / "train"  # class folders only: its "test" split would be these images again
+    assert E._test_split("imagefolder", str(flat)) is None
+    assert len(E._test_split("imagefolder", str(tmp_path / "split")).labels) == 12
