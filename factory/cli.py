@@ -50,11 +50,12 @@ def _cmd_run(args) -> int:
         import fsspec
 
         with fsspec.open(f"{output.rstrip('/')}/run.json", "rt") as f:
-            stages = json.load(f).get("wall_seconds") or {}
+            record = json.load(f)
     except (OSError, ValueError):
-        stages = {}
+        record = {}
+    stages = record.get("wall_seconds") or {}
     print(console.summary_table(output, metrics, {**stages, "total": stages.get("total", wall)},
-                                f"{output.rstrip('/')}/report.html", where))
+                                f"{output.rstrip('/')}/report.html", where, tuning=record.get("tuning")))
     return 0
 
 

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
+import numpy as np
 import yaml
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo,
@@ -309,6 +310,69 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints (resume points)
 
 
+TUNE_OBJECTIVES = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "downstream": "max"}
+
+
+class PilotConfig(Section):
+    """The small run each trial of a ``tune:`` makes: a few classes, scored against a validation split carved
+    from the train split (never the test split)."""
+
+    classes: int = Field(10, ge=1)  # a seeded pick of the plan's classes (all when fewer)
+    images_per_class: int | None = Field(None, ge=2)  # None: the recipe's own, at most 50
+    validation_per_class: int = Field(30, ge=2)  # train images per class held out as the pilot's test split
+    references_per_class: int = Field(200, ge=1)  # at most this many of the rest are the pilot's train split
+    concurrent: int = Field(1, ge=1)  # trials at once (each runs its own pilot on the cluster)
+
+
+class TuneConfig(Section):
+    """One parameter of the recipe chosen by a Ray Tune grid over pilot runs (factory/tuning.py)."""
+
+    param: str  # dotted path inside the recipe: energies.0.weight, cfg_scale, energies.0.params.k
+    values: list[Float | int] | None = None  # the grid; or range + trials (+ log)
+    range: list[Float] | None = None  # [low, high]
+    trials: int = Field(5, ge=2)  # points of range, ends included
+    log: bool = True  # geometric spacing of range
+    objective: Literal["f1_pc", "coverage", "precision", "fd", "downstream"] = "f1_pc"
+    pilot: PilotConfig = Field(default_factory=PilotConfig)
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if (self.values is None) == (self.range is None):
+            raise _error("give either values (a list) or range ([low, high]) and trials", "values")
+        if self.values is not None and len(self.values) < 2:
+            raise _error(f"at least two values are needed to choose from, got {self.values}", "values")
+        if self.range is not None:
+            low_high = self.range
+            if len(low_high) != 2 or not low_high[0] < low_high[1] or (self.log and low_high[0] <= 0):
+                raise _error(f"expected [low, high] with low < high{' and low > 0 (log: true)' if self.log else ''}"
+                             f", got {low_high}", "range")
+        return self
+
+    def grid(self) -> list:
+        """The values the trials try, in order (a range's rounded to 4 significant digits)."""
+        if self.values is not None:
+            return list(self.values)
+        space = np.geomspace if self.log else np.linspace
+        return [float(f"{v:.4g}") for v in space(self.range[0], self.range[1], self.trials)]
+
+
+def get_dotted(data, dotted: str):
+    """``data`` at ``a.0.b`` (mapping keys and list indices)."""
+    for key in dotted.split("."):
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def set_dotted(data, dotted: str, value) -> None:
+    """Set ``a.0.b`` in nested mappings and lists (which must exist up to the last key)."""
+    *path, last = dotted.split(".")
+    node = get_dotted(data, ".".join(path)) if path else data
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
 class RecipeConfig(Section):
     cfg_scale: Float = 2.0  # omega >= 1; 1.0 = CFG-free (no unconditional pass)
     scale: Float = Field(1.0, gt=0)  # images per class = ceil(scale * train size / classes)
@@ -319,6 +383,7 @@ class RecipeConfig(Section):
     init_strength: Float = Field(1.0, gt=0, le=1)  # < 1: latent prior, a real train image noised to this strength
     grad_through: Literal["model", "x0"] = "model"  # backpropagate through the denoiser, or x̂₀ only
     finetune: FinetuneConfig | None = None  # Real-Fake LoRA fine-tuning before sampling; None = off
+    tune: TuneConfig | None = None  # choose one parameter by a pilot on a validation carve; None = as written
 
     @field_validator("cfg_scale")
     @classmethod
@@ -329,6 +394,29 @@ class RecipeConfig(Section):
             raise ValueError("must be >= 1.0 (1.0 = no CFG; a scale below 1 would extrapolate away from the "
                              f"class, not disable CFG), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _tunable(self):
+        """Every value of the grid, put at ``tune.param``, must make a valid recipe (checked here, not by a trial)."""
+        if self.tune is None:
+            return self
+        data = self.model_dump(exclude={"tune"})
+        try:
+            get_dotted(data, self.tune.param)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise _error(f"{self.tune.param!r} is not a parameter of this recipe (e.g. cfg_scale, "
+                         "energies.0.weight, energies.0.params.k)", "tune.param") from None
+        if self.tune.param.split(".")[0] in ("tune", "finetune", "images_per_class", "scale"):
+            raise _error(f"{self.tune.param!r} cannot be tuned: it is not a sampling strength", "tune.param")
+        for value in self.tune.grid():
+            trial = self.model_dump(exclude={"tune"})
+            set_dotted(trial, self.tune.param, value)
+            try:
+                RecipeConfig.model_validate(trial)
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise _error(f"value {value!r} at {self.tune.param}: {_message(first)}", "tune.values") from None
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -248,7 +248,18 @@ def _seconds(s: float | None) -> str:
     return f"{s} s" if s < 90 else f"{s // 60} m {s % 60:02d} s"
 
 
-def summary_table(output: str, metrics: dict, wall: dict, report: str | None = None, log: str | None = None) -> str:
+def tuning_lines(tuning: dict | None) -> list[str]:
+    """One line per tuned recipe: the value chosen, and every trial's objective on the validation carve."""
+    out = []
+    for recipe, t in (tuning or {}).items():
+        trials = ", ".join(f"{row['value']}: {_fmt(row.get(t['objective']))}" for row in t["trials"])
+        out.append(f"tuned {recipe}: {t['param']} = {t['chosen']} (written {t['written']}; {t['objective']} on a "
+                   f"validation carve of train: {trials})")
+    return out
+
+
+def summary_table(output: str, metrics: dict, wall: dict, report: str | None = None, log: str | None = None,
+                  tuning: dict | None = None) -> str:
     """The run's closing summary: a table of every set (the real train split first) and the wall times."""
     columns = [("images", "num_images", 0), ("precision", "precision", 3), ("recall", "recall", 3),
                ("coverage", "coverage", 3), ("FD", "fd", 3), ("hardness", "hardness_mean", 1)]
@@ -276,7 +287,9 @@ def summary_table(output: str, metrics: dict, wall: dict, report: str | None = N
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    stages = [(k, wall.get(k)) for k in ("finetune", "sampling", "scoring", "downstream") if (wall.get(k) or 0) >= 0.5]
+    stages = [(k, wall.get(k)) for k in ("tune", "finetune", "sampling", "scoring", "downstream")
+              if (wall.get(k) or 0) >= 0.5]
+    out += [""] + tuning_lines(tuning) if tuning else []
     out.append("")
     out.append("wall: " + _seconds(wall.get("total")) + " (" + ", ".join(f"{k} {_seconds(v)}" for k, v in stages) + ")")
     out.append(f"output: {output}")

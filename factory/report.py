@@ -348,6 +348,23 @@ def provenance_view(provenance: dict, plan: Plan) -> dict:
     }
 
 
+def tuning_view(tuning: dict | None) -> list[dict]:
+    """The tune stage's trial table per tuned recipe (run.json ``tuning``)."""
+    out = []
+    for recipe, t in (tuning or {}).items():
+        headers = [k for k in ("precision", "recall", "coverage", "f1_pc", "fd", "downstream", "seconds")
+                   if any(k in row for row in t["trials"])]
+        pilot = t["pilot"]
+        out.append({"recipe": recipe, "param": t["param"], "chosen": t["chosen"], "written": t["written"],
+                    "objective": t["objective"], "mode": t["mode"], "headers": headers,
+                    "pilot": f"{len(pilot['classes'])} classes × {pilot['images_per_class']} images against "
+                             f"{pilot['validation_per_class']} validation images per class",
+                    "rows": [{"value": row["value"], "chosen": row["value"] == t["chosen"],
+                              "cells": [_num(row[h], h) if h in row else "" for h in headers]}
+                             for row in t["trials"]]})
+    return out
+
+
 class Part:
     """One panel of the page: what it shows, or why it is missing (the run's data is all written by now)."""
 
@@ -445,6 +462,7 @@ def write_report(sink: ShardSink, plan: Plan, metrics: dict, provenance: dict, *
         "code": str(provenance.get("code_revision") or "unknown")[:12],
         "config_error": cfg_part.error,
         "metrics": Part("the metrics table", lambda: metrics_view(metrics, cfg.eval.k if cfg else None)),
+        "tuning": Part("the tuning table", lambda: tuning_view(provenance.get("tuning"))),
         "figures": Part("the plots", figures),
         "hardness": Part("the hardness histograms", hardness),
         "neighbours": Part("the nearest-neighbour pairs", neighbours),

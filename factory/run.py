@@ -1,6 +1,9 @@
 """A run: the checks, then its stages in order, each reading and writing artifacts under the output URI.
 
-    references -> sample -> score -> downstream -> report
+    tune -> references -> sample -> score -> downstream -> report
+
+(tune only where a recipe has ``tune:``: pilots on a validation carve of train choose a parameter, which the
+later stages use.)
 
 Every check reads metadata only (config, classes and counts, checkpoints present, output writable), so bad
 input fails before anything is written and the driver never holds an image, a feature or a model. Each stage
@@ -144,7 +147,7 @@ def report_stage(cfg: Config, output: str, plan: Plan, sink: ShardSink, record: 
     metrics = collect_metrics(cfg, sink, "report")
     done = {s: marker.read(sink, s) or {} for s in STAGES}
     sample = done["sample"]
-    wall = {"references": done["references"].get("wall_seconds"), "finetune": sample.get("finetune_seconds"),
+    wall = {"tune": done["tune"].get("wall_seconds"), "references": done["references"].get("wall_seconds"), "finetune": sample.get("finetune_seconds"),
             "sampling": sample.get("sampling_seconds"), "scoring": done["score"].get("wall_seconds"),
             "downstream": done["downstream"].get("wall_seconds") if cfg.downstream.enabled else None}
     wall = {k: v for k, v in wall.items() if v is not None}
@@ -155,6 +158,8 @@ def report_stage(cfg: Config, output: str, plan: Plan, sink: ShardSink, record: 
     for key in ("shards", "healed", "finetune"):
         if key in sample:
             prov[key] = sample[key]
+    if done["tune"].get("recipes"):
+        prov["tuning"] = done["tune"]["recipes"]
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())
     sink.put(f"{sink.root}/run.json", json.dumps(prov, indent=1, sort_keys=True, default=str).encode())
     write_report(sink, plan, metrics, prov)
@@ -195,6 +200,15 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
     sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
     ensure_ray(cfg.executor.address)
     try:
+        if any(r.tune is not None for r in cfg.recipes.values()):
+            from factory.stages.tune import apply, run_tune
+
+            if "tune" in stages:
+                tuned = run_tune(cfg, output, plan, info, sink, progress)
+            else:
+                tuned = marker.require(sink, "tune", stages[0], "tuned parameters")
+            cfg = apply(cfg, tuned)
+            record["config"] = cfg.to_dict()
         if "references" in stages:
             references_stage(cfg, output, plan, info, sink, progress)
         made = 0

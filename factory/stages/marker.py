@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-STAGES = ("references", "sample", "score", "downstream", "report")
+STAGES = ("tune", "references", "sample", "score", "downstream", "report")
 FOLDER = "_stages"
 
 
