@@ -475,8 +475,23 @@ def estimate(cfg, gpu: str | None = None, img_per_s: float | None = None, price_
         "cost": {k: hours * v for k, v in prices.items() if k != "spot_assumed"},
         "parallel_devices": busy, "wall_hours": max(hours / busy, longest) if busy > 0 else None,
         "storage": storage_estimate(cfg, plan.num_images),
-        "notes": notes + ["excludes model loading, reading the real data, scoring, the report and downstream training"],
+        "notes": notes + _tune_notes(cfg, plan) + [
+            "excludes model loading, reading the real data, scoring, the report and downstream training"],
     }
+
+
+def _tune_notes(cfg, plan: Plan) -> list[str]:
+    """What each recipe's ``tune:`` pilot samples before the run (not in the hours above)."""
+    out = []
+    for rp in plan.recipes:
+        t = cfg.recipes[rp.recipe].tune
+        if t is not None:
+            classes = min(t.pilot.classes, len(plan.labels))
+            ipc = t.pilot.images_per_class or min(rp.images_per_class, 50)
+            n = len(t.grid())
+            out.append(f"{rp.recipe}: tune {t.param}: {n} pilot runs of {classes} classes x {ipc} images "
+                       f"({n * classes * ipc:,} images, sampled like the recipe) before the run, not in the hours above")
+    return out
 
 
 def _n(x: float) -> str:

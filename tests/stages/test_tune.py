@@ -122,3 +122,11 @@ def test_a_range_is_a_rounded_geometric_grid():
     assert from_dict(data).recipes["chamfer"].tune.grid() == [0.05, 0.1, 0.2, 0.4, 0.8]
     data["recipes"]["chamfer"]["tune"].update(log=False, range=[1.0, 2.0], trials=3, param="cfg_scale")
     assert from_dict(data).recipes["chamfer"].tune.grid() == [1.0, 1.5, 2.0]
+
+
+def test_factory_plan_names_the_pilot_runs_a_tune_adds():
+    from factory.plan import estimate
+
+    notes = estimate(from_dict(JOB)).get("notes")
+    assert ("chamfer: tune energies.0.weight: 2 pilot runs of 2 classes x 5 images (20 images, sampled like the "
+            "recipe) before the run, not in the hours above") in notes
