@@ -19,7 +19,6 @@ import gzip
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -303,18 +302,22 @@ def _parquet(root: str, split: str) -> RealSet:
     return _from_records(records, root, index["class_names"] if index else None)
 
 
+def wds_samples(fs, path: str):
+    """(key, {ext: bytes}) of a WebDataset tar, streamed by webdataset's own tar reader and grouping (a sample's
+    members are consecutive; hidden and ``__meta__`` files skipped, extensions lower-cased)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with fs.open(path, "rb") as fh:
+        members = ({**m, "__url__": path} for m in tar_file_iterator(fh))
+        for sample in group_by_keys(members):
+            yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
 def _webdataset(root: str, split: str) -> RealSet:
     fs, files = shard_files(root, ".tar", split)
     records = []
     for f in files:
-        samples: dict[str, dict[str, bytes]] = {}
-        with fs.open(f, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for key, s in samples.items():
+        for key, s in wds_samples(fs, f):
             img = next((s[e] for e in ("png", "jpg", "jpeg", "webp") if e in s), None)
             if img is None or "cls" not in s:
                 raise DataError(f"webdataset sample {f}:{key} lacks an image or a .cls label")

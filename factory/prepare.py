@@ -65,14 +65,13 @@ import json
 import os
 import posixpath
 import sys
-import tarfile
 import time
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from factory.data import DataError
+from factory.data import DataError, wds_samples
 
 RESIZE_MODES = ("center-crop", "pad", "stretch")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -163,27 +162,6 @@ def _label_of(value, name_to_label: dict[str, int]) -> int | None:
     return label if label is not None and label >= 0 else None
 
 
-def _wds_samples(fs, path: str):
-    """(key, {ext: bytes}) of a WebDataset tar, streamed: a sample's members are consecutive."""
-    key, sample = None, {}
-    with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = posixpath.split(member.name)
-            if base.startswith("."):
-                continue
-            stem, _, ext = base.partition(".")
-            k = posixpath.join(folder, stem)
-            if k != key:
-                if key is not None:
-                    yield key, sample
-                key, sample = k, {}
-            sample[ext.lower()] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, sample
-
-
 def _wds_label(sample: dict, name_to_label: dict) -> tuple[int | None, str | None]:
     meta = {}
     if "json" in sample:
@@ -200,7 +178,7 @@ def _wds_label(sample: dict, name_to_label: dict) -> tuple[int | None, str | Non
 def _wds_rows(fs, path: str, job: dict):
     """(key, image bytes or None, label or None, class_name or None) of a WebDataset tar."""
     stem = job["stems"][path]
-    for k, sample in _wds_samples(fs, path):
+    for k, sample in wds_samples(fs, path):
         label, name = _wds_label(sample, job["name_to_label"])
         yield f"{stem}/{k}", next((sample[e] for e in WDS_IMAGE_EXTS if e in sample), None), label, name
 
