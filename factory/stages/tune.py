@@ -109,9 +109,9 @@ def carve(cfg, info, labels: list[int], pilot, output: str) -> str:
 def pilot_config(cfg, recipe: str, value, carve_root: str, labels: list[int], class_names: list[str],
                  images_per_class: int) -> dict:
     """The config of one trial: the recipe alone, ``tune.param`` set to ``value``, on the carve's classes."""
-    data = cfg.to_dict()
     from factory.config import set_dotted
 
+    data = cfg.to_dict()
     r = data["recipes"][recipe]
     set_dotted(r, r.pop("tune")["param"], value)
     r.update(images_per_class=images_per_class, scale=1.0)
