@@ -147,7 +147,9 @@ def report_stage(cfg: Config, output: str, plan: Plan, sink: ShardSink, record: 
     metrics = collect_metrics(cfg, sink, "report")
     done = {s: marker.read(sink, s) or {} for s in STAGES}
     sample = done["sample"]
-    wall = {"tune": done["tune"].get("wall_seconds"), "references": done["references"].get("wall_seconds"), "finetune": sample.get("finetune_seconds"),
+    tuned = {r: t for r, t in (done["tune"].get("recipes") or {}).items() if r in cfg.recipes and cfg.recipes[r].tune}
+    wall = {"tune": done["tune"].get("wall_seconds") if tuned else None,
+            "references": done["references"].get("wall_seconds"), "finetune": sample.get("finetune_seconds"),
             "sampling": sample.get("sampling_seconds"), "scoring": done["score"].get("wall_seconds"),
             "downstream": done["downstream"].get("wall_seconds") if cfg.downstream.enabled else None}
     wall = {k: v for k, v in wall.items() if v is not None}
@@ -158,8 +160,8 @@ def report_stage(cfg: Config, output: str, plan: Plan, sink: ShardSink, record: 
     for key in ("shards", "healed", "finetune"):
         if key in sample:
             prov[key] = sample[key]
-    if done["tune"].get("recipes"):
-        prov["tuning"] = done["tune"]["recipes"]
+    if tuned:  # a record left by an earlier config whose recipes are no longer tuned is not this run's
+        prov["tuning"] = tuned
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())
     sink.put(f"{sink.root}/run.json", json.dumps(prov, indent=1, sort_keys=True, default=str).encode())
     write_report(sink, plan, metrics, prov)
