@@ -310,7 +310,7 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints (resume points)
 
 
-TUNE_OBJECTIVES = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "downstream": "max"}
+TUNE_OBJECTIVES = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "downstream": "max"}  # -> mode
 
 
 class PilotConfig(Section):
@@ -323,9 +323,12 @@ class PilotConfig(Section):
     references_per_class: int = Field(200, ge=1)  # at most this many of the rest are the pilot's train split
     concurrent: int = Field(1, ge=1)  # trials at once (each runs its own pilot on the cluster)
 
+    def images_for(self, recipe_images_per_class: int) -> int:
+        return self.images_per_class or min(recipe_images_per_class, 50)
+
 
 class TuneConfig(Section):
-    """One parameter of the recipe chosen by a Ray Tune grid over pilot runs (factory/tuning.py)."""
+    """One parameter of the recipe chosen by a Ray Tune grid over pilot runs (factory/stages/tune.py)."""
 
     param: str  # dotted path inside the recipe: energies.0.weight, cfg_scale, energies.0.params.k
     values: list[Float | int] | None = None  # the grid; or range + trials (+ log)

@@ -487,7 +487,7 @@ def _tune_notes(cfg, plan: Plan) -> list[str]:
         t = cfg.recipes[rp.recipe].tune
         if t is not None:
             classes = min(t.pilot.classes, len(plan.labels))
-            ipc = t.pilot.images_per_class or min(rp.images_per_class, 50)
+            ipc = t.pilot.images_for(rp.images_per_class)
             n = len(t.grid())
             out.append(f"{rp.recipe}: tune {t.param}: {n} pilot runs of {classes} classes x {ipc} images "
                        f"({n * classes * ipc:,} images, sampled like the recipe) before the run, not in the hours above")

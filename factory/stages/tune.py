@@ -33,11 +33,11 @@ import time
 
 import numpy as np
 
+from factory.config import TUNE_OBJECTIVES as MODE
 from factory.stages import marker
 
 LOG = logging.getLogger("factory.tune")
 FOLDER = "_tune"
-MODE = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "downstream": "max"}
 COLUMNS = ("precision", "recall", "coverage", "f1_pc", "fd", "downstream")
 
 
@@ -174,7 +174,7 @@ def tune_recipe(cfg, recipe: str, info, labels: list[int], images_per_class: int
 
     spec = cfg.recipes[recipe].tune
     picked = pilot_labels(cfg, labels, spec.pilot.classes)
-    ipc = spec.pilot.images_per_class or min(images_per_class, 50)
+    ipc = spec.pilot.images_for(images_per_class)
     root = carve(cfg, info, picked, spec.pilot, output)
     grid = spec.grid()
     configs = [pilot_config(cfg, recipe, v, root, picked, info.class_names, ipc) for v in grid]
