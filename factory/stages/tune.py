@@ -146,7 +146,7 @@ def pilot_trial(config: dict, output: str) -> dict:
     (recipe,) = cfg.recipes
     if marker.read(sink, "references") is None:
         build_reference_bank(cfg, output, info, plan.labels, progress=False)
-        marker.write(sink, "references", 0.0, classes=len(plan.labels))
+        marker.write(sink, "references", time.perf_counter() - t0, classes=len(plan.labels))
     run_sample(cfg, output, plan, sink, progress=False)
     n = plan.recipes[0].images_per_class * len(plan.labels)
     m = score_sets(cfg, output, {recipe: n}, plan.labels, info.class_names, progress=False)[recipe]
