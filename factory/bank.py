@@ -168,13 +168,22 @@ def class_gaussian(feats) -> tuple[np.ndarray, np.ndarray]:
     return mean.numpy(), cov.numpy()
 
 
-TARGETS = {"ot": "K", "chamfer": "k"}  # the energies whose per-class target the bank holds, and their size key
+# the per-class targets the bank holds, and their size key: DMGD's K-means measure, Chamfer's k random
+# references, Chamfer's k K-means centres with their masses (``references: kmeans``)
+TARGETS = {"ot": "K", "chamfer": "k", "chamfer_kmeans": "k"}
+
+
+def target_kind(e) -> str:
+    """The bank's name for an energy config's per-class target (a key of TARGETS)."""
+    if e.name == "chamfer" and e.params.references == "kmeans":
+        return "chamfer_kmeans"
+    return e.name
 
 
 def fitted_targets(cfg) -> list[tuple[str, str, int]]:
     """(energy, recipe, size) of every per-class target the config's recipes need: DMGD's K-means (K) and
     Chamfer's references (k). Seeded by recipe and class alone, so one file serves each (recipe, size)."""
-    found = {(e.name, name, getattr(e.params, TARGETS[e.name]))
+    found = {(target_kind(e), name, getattr(e.params, TARGETS[e.name]))
              for name, r in cfg.recipes.items() for e in r.energies if e.name in TARGETS}
     return sorted(found)
 
@@ -187,13 +196,18 @@ def ot_seed(run_seed: int, recipe: str, label: int) -> int:
 
 def fit_target(energy: str, feats, size: int, run_seed: int, recipe: str, label: int) -> dict:
     """One class's target for a recipe's energy, from its train features: ``support``, ``masses`` and
-    ``cost_scale`` of DMGD's K-means measure (K = size), or Chamfer's k = size ``references``."""
+    ``cost_scale`` of DMGD's K-means measure (K = size), or Chamfer's k = size ``references`` (with their
+    ``masses`` for ``chamfer_kmeans``)."""
     from factory import guidance
     from factory.plan import shard_seed
 
     if energy == "chamfer":
         seed = shard_seed(run_seed, f"{recipe}/chamfer", label, 0)
         return {"references": guidance.select_references(feats, size, seed).numpy()}
+    if energy == "chamfer_kmeans":
+        seed = shard_seed(run_seed, f"{recipe}/chamfer", label, 0) % 2**31
+        support, masses = guidance.kmeans_support(feats, K=size, seed=seed)
+        return {"references": support.numpy(), "masses": masses.numpy()}
     support, masses = guidance.kmeans_support(feats, K=size, seed=ot_seed(run_seed, recipe, label))
     return {"support": support.numpy(), "masses": masses.numpy(),
             "cost_scale": np.float64(guidance.cost_scale_from_features(feats))}

@@ -228,6 +228,8 @@ class ChamferParams(Section):
     coverage_weight: Float = Field(1.0, ge=0)
     fidelity_weight: Float = Field(1.0, ge=0)
     balance: bool = False  # fidelity x min(1, k / batch)
+    # random: k real train features (the paper); kmeans: the class's k K-means centres, weighted by cluster mass
+    references: Literal["random", "kmeans"] = "random"
 
 
 def _cost_scale(value):

@@ -206,9 +206,13 @@ class SyntheticProducer:
         from factory import guidance
 
         if e.name == "chamfer":
-            refs = torch.from_numpy(self._target("chamfer", recipe, e.params.k, shard.label)["references"])
+            from factory.bank import target_kind
+
+            target = self._target(target_kind(e), recipe, e.params.k, shard.label)
+            refs = torch.from_numpy(target["references"])
+            masses = None if "masses" not in target else torch.from_numpy(target["masses"])
             return guidance.ChamferEnergy(refs.to(self.backbone.device),  # where the sampler's features are
-                                          **e.params.model_dump(exclude={"k"}))
+                                          masses=masses, **e.params.model_dump(exclude={"k", "references"}))
         if e.name == "ot":
             p = e.params.model_dump(exclude={"K"})
             target = self._target("ot", recipe, e.params.K, shard.label)

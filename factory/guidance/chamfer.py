@@ -118,11 +118,15 @@ class ChamferEnergy:
         Scale fidelity by ``min(1, k / B)`` for a batch of B: with fewer references than samples the
         coverage term pulls only k of them while fidelity pulls all B onto the k references, which
         collapses the set (k = 2, B = 10: coverage below plain sampling). Off = the paper's form.
+    masses:
+        Optional ``[k]`` weights of the references in the coverage term (normalised to sum to 1; None =
+        the paper's plain mean). With K-means centres as references each weighs its cluster's share of
+        the class: unweighted, a few outlying centres would pull as hard as the class's bulk.
 
     Calling ``energy(features, frozen=None)`` returns a differentiable scalar
     (lower is better)::
 
-        coverage_weight * mean_{x in refs} min_{y in cat(frozen, features)} ||x - y||^2
+        coverage_weight * sum_{x in refs} m_x min_{y in cat(frozen, features)} ||x - y||^2   (m = 1/k)
       + fidelity_weight * mean_{y in features} min_{x in refs} ||x - y||^2
 
     ``frozen`` (``[M, D]``, already committed samples of the same class) is
@@ -132,11 +136,17 @@ class ChamferEnergy:
     """
 
     def __init__(self, refs: ArrayLike, coverage_weight: float = 1.0, fidelity_weight: float = 1.0,
-                 balance: bool = False):
+                 balance: bool = False, masses: Optional[ArrayLike] = None):
         refs = _as_tensor(refs)
         if refs.ndim != 2 or refs.shape[0] == 0:
             raise ValueError(f"refs must be a non-empty [k, D] tensor, got {tuple(refs.shape)}")
         self.refs = refs.detach()
+        self.masses = None
+        if masses is not None:
+            m = _as_tensor(masses).detach().double().reshape(-1)
+            if m.shape[0] != refs.shape[0] or not bool(torch.isfinite(m).all()) or bool((m < 0).any()) or m.sum() <= 0:
+                raise ValueError(f"masses must be {refs.shape[0]} finite non-negative weights, not all 0")
+            self.masses = m / m.sum()
         self.coverage_weight = float(coverage_weight)
         self.fidelity_weight = float(fidelity_weight)
         if not isinstance(balance, bool):
@@ -173,7 +183,10 @@ class ChamferEnergy:
             fz = frozen.detach().to(device=features.device, dtype=dt)
             d_old = pairwise_sq_dists(refs, fz).min(dim=1).values
             nearest = torch.minimum(nearest, d_old)
-        coverage = nearest.mean()
+        if self.masses is None:
+            coverage = nearest.mean()
+        else:
+            coverage = (nearest * self.masses.to(device=nearest.device, dtype=dt)).sum()
         return {"coverage": coverage, "fidelity": fidelity}
 
     def __call__(self, features: Tensor, frozen: Optional[Tensor] = None) -> Tensor:
@@ -187,7 +200,8 @@ class ChamferEnergy:
     def __repr__(self) -> str:
         return (
             f"ChamferEnergy(k={self.num_refs}, dim={self.refs.shape[1]}, "
-            f"coverage_weight={self.coverage_weight}, fidelity_weight={self.fidelity_weight}, balance={self.balance})"
+            f"coverage_weight={self.coverage_weight}, fidelity_weight={self.fidelity_weight}, balance={self.balance}, "
+            f"weighted={self.masses is not None})"
         )
 
 

@@ -4,6 +4,7 @@ import torch
 from factory.guidance.chamfer import (
     ChamferEnergy,
     chamfer_distance,
+    pairwise_sq_dists,
     select_reference_indices,
     select_references,
 )
@@ -119,6 +120,27 @@ def test_balance_scales_fidelity_by_refs_over_batch_when_fewer_refs():
     assert torch.allclose(ChamferEnergy(many, balance=True)(feats), ChamferEnergy(many)(feats))
     with pytest.raises(ValueError, match="balance"):
         ChamferEnergy(refs, balance="yes")
+
+
+def test_masses_weigh_the_coverage_term_and_are_checked():
+    g = torch.Generator().manual_seed(5)
+    refs = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    feats = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    nearest = pairwise_sq_dists(refs, feats).min(dim=1).values
+    m = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)  # normalised to sum to 1
+    t = ChamferEnergy(refs, masses=m).terms(feats)
+    assert torch.allclose(t["coverage"], (nearest * m / 8).sum())
+    assert torch.allclose(t["fidelity"], ChamferEnergy(refs).terms(feats)["fidelity"])  # fidelity is unweighted
+    uniform = ChamferEnergy(refs, masses=torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(uniform(feats), ChamferEnergy(refs)(feats))
+    # a heavy reference pulls its nearest sample harder than a light one at the same distance
+    two = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    ys = torch.tensor([[1.0, 0.0], [11.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(ChamferEnergy(two, fidelity_weight=0.0, masses=[0.9, 0.1])(ys), ys)
+    assert grad[0].norm() > 8 * grad[1].norm()
+    for bad in ([1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [0.0] * 4, [float("nan"), 1.0, 1.0, 1.0]):
+        with pytest.raises(ValueError, match="masses"):
+            ChamferEnergy(refs, masses=bad)
 
 
 def test_select_references_deterministic_subset():

@@ -57,6 +57,8 @@ RECIPES = {
     "dmgd": {"images_per_class": 6, "cfg_scale": 2.0, "progressive_batch": 3,
              "energies": [{"name": "ot", "weight": 0.3, "window": [0.1, 0.6], "params": {"K": 4}}]},
     "chamfer": {"images_per_class": 6, "energies": [{"name": "chamfer", "weight": 0.5, "params": {"k": 8}}]},
+    "chamfer_km": {"images_per_class": 6, "energies": [{"name": "chamfer", "weight": 0.5, "normalize": "set",
+                                                        "params": {"k": 4, "references": "kmeans"}}]},
     "low": {"images_per_class": 6, "energies": [{"name": "lowdensity", "normalize": "linf",
             "params": {"alpha": 0.5, "beta": 0.5, "baseline_per_class": 3}}]},
 }
@@ -98,6 +100,10 @@ def test_bank_fits_each_class_once_and_producers_read_only_their_class(local_ray
     refs = bank.target("chamfer", "chamfer", 8, 2)["references"]
     want = guidance.select_references(bank.features("train", 2), 8, shard_seed(0, "chamfer/chamfer", 2, 0))
     assert refs.shape == (8, 64) and np.array_equal(refs, want.numpy())
+    km = bank.target("chamfer_kmeans", "chamfer_km", 4, 2)  # K-means centres with their masses, seeded alike
+    support, masses = guidance.kmeans_support(bank.features("train", 2), K=4,
+                                              seed=shard_seed(0, "chamfer_km/chamfer", 2, 0) % 2**31)
+    assert np.array_equal(km["references"], support.numpy()) and np.array_equal(km["masses"], masses.numpy())
     done = json.loads((tmp_path / "_references" / "lowdensity" / "low" / "done.json").read_text())
     assert done["classes"] == [2, 7] and done["in_dim"] == 64
 
