@@ -25,6 +25,8 @@ def test_quickstart_config_validates():
         ({"backbone": {"name": "sd99"}}, "backbone.name: unknown value 'sd99'"),
         ({"recipes": {"x": {"energies": [{"name": "magic"}]}}}, "recipes.x.energies[0].name: unknown value 'magic'"),
         ({"recipes": {"x": {"energies": [{"weight": 1.0}]}}}, "missing required key 'name'"),
+        ({"recipes": {"x": {"energies": [{"name": "chamfer", "params": {"references": "best"}}]}}},
+         "recipes.x.energies[0].params.references: unknown value 'best'; expected one of 'random' or 'kmeans'"),
         ({"recipes": {"x": {"cfg_scale": 0.5}}}, "recipes.x.cfg_scale: must be >= 1.0"),
         ({"executor": {"num_actors": [3, 1]}}, "executor.num_actors"),
         ({"output": {"formats": ["csv"]}}, "output.formats[0]: unknown value 'csv'"),
