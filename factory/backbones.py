@@ -107,6 +107,7 @@ class TinyBackbone:
 
     def __init__(self, unet, scheduler, real_size: tuple[int, int]):
         self.unet = unet.eval().requires_grad_(False)
+        self.run_denoiser = self.unet  # what predict calls; see wrap_denoiser
         if not isinstance(unet.class_embedding, _EmbeddingPassThrough):
             unet.class_embedding = _EmbeddingPassThrough(unet.class_embedding)
         self.scheduler = scheduler
@@ -132,7 +133,7 @@ class TinyBackbone:
         return self.condition(torch.full((batch,), self.null_id, dtype=torch.long))
 
     def predict(self, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, class_labels=cond).sample
+        return self.run_denoiser(x, t, class_labels=cond).sample
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return embedded.to_real_size(x0, self.real_size)
@@ -142,6 +143,11 @@ class TinyBackbone:
 
     def modules(self) -> dict[str, nn.Module]:
         return {"denoiser": self.unet}
+
+    def wrap_denoiser(self, wrapper: nn.Module) -> None:
+        """Run predict's forward through ``wrapper`` (Ray Train's DDP around the denoiser: its gradient hooks
+        fire only on calls through it); everything else still reads the module itself."""
+        self.run_denoiser = wrapper
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -292,6 +298,7 @@ class LatentBackbone:
         self.mode = mode
         self.scheduler = scheduler
         self.denoiser = place(denoiser, self.device, self.dtype)
+        self.run_denoiser = self.denoiser  # what _forward calls; see wrap_denoiser
         # fp16 VAEs that ask for it (SD's) decode in float32, as the diffusers pipelines do
         vae_dtype = torch.float32 if self.dtype == torch.float16 and vae.config.get("force_upcast", False) else self.dtype
         self.vae = place(vae, self.device, vae_dtype)
@@ -369,6 +376,8 @@ class LatentBackbone:
     def compile(self, **kwargs) -> None:
         """``torch.compile`` the denoiser in place (``nn.Module.compile``)."""
         self.denoiser.compile(**kwargs)
+
+    wrap_denoiser = TinyBackbone.wrap_denoiser
 
     @staticmethod
     def _common(checkpoint, options: dict) -> dict:
@@ -457,7 +466,7 @@ class SD15Backbone(_PromptBackbone):
         return self.text_encoder(ids, attention_mask=mask)[0].float()
 
     def _forward(self, x, t, cond):
-        return self.unet(x, t, encoder_hidden_states=cond).sample
+        return self.run_denoiser(x, t, encoder_hidden_states=cond).sample
 
     def modules(self):
         return {**super().modules(), "text_encoder": self.text_encoder}
@@ -540,8 +549,8 @@ class SD3Backbone(_PromptBackbone):
 
     def _forward(self, x, t, cond):
         prompt_embeds, pooled = self.unpack(cond)
-        return self.transformer(hidden_states=x, encoder_hidden_states=prompt_embeds,
-                                pooled_projections=pooled, timestep=t).sample
+        return self.run_denoiser(hidden_states=x, encoder_hidden_states=prompt_embeds,
+                                 pooled_projections=pooled, timestep=t).sample
 
     def modules(self):
         out = super().modules()
@@ -630,7 +639,7 @@ class DiTBackbone(LatentBackbone):
         return self.condition(torch.arange(self.num_classes))
 
     def _forward(self, x, t, cond):
-        out = self.transformer(x, timestep=t, class_labels=cond).sample
+        out = self.run_denoiser(x, timestep=t, class_labels=cond).sample
         if out.shape[1] == 2 * self.in_channels:  # learned sigma: keep epsilon
             out = out[:, : self.in_channels]
         return out

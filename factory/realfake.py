@@ -205,6 +205,7 @@ def _models(config: dict):
 def train_loop(config: dict) -> None:
     """Ray Train worker: LoRA on the denoiser, resume from the latest checkpoint, train, report."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
     from peft import set_peft_model_state_dict
     from ray.train import Checkpoint
@@ -221,9 +222,6 @@ def train_loop(config: dict) -> None:
     model = add_lora(backbone.modules()["denoiser"], ft["rank"], ft["alpha"], ft["target_modules"], config["seed"])
     params = lora_parameters(model)
     distributed = world > 1 and dist.is_initialized()
-    if distributed:  # identical by seed already; make it certain
-        for p in params:
-            dist.broadcast(p.data, 0)
     opt = torch.optim.AdamW(params, lr=ft["lr"], weight_decay=0.0)
 
     start, history = 0, []
@@ -234,6 +232,8 @@ def train_loop(config: dict) -> None:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
+    if distributed:  # DDP: rank 0's weights broadcast once, gradients averaged in backward
+        backbone.wrap_denoiser(ray.train.torch.prepare_model(backbone.modules()["denoiser"], move_to_device=False))
 
     images = to_pixels(config["images"])
     labels = torch.tensor(config["labels"], dtype=torch.long)
@@ -249,15 +249,6 @@ def train_loop(config: dict) -> None:
                            ft["mmd_weight"], ft["p_uncond"])
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if distributed:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-                offset += g.numel()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sums += torch.tensor([terms["loss"].item(), terms["simple"].item(), terms["mmd"].item(), 1.0],

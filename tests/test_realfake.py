@@ -104,6 +104,51 @@ def test_lora_trains_only_the_adapter_and_lowers_the_loss(digits):
             assert torch.equal(value, base[key.replace(".base_layer", "")]), key
 
 
+def _ddp_gradients(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One DDP worker: LoRA on the digits UNet, the loss on this rank's own batch, gradients saved."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    backbone, features, model, x, y, gen = _lora_case(rank)
+    backbone.wrap_denoiser(DistributedDataParallel(backbone.unet))
+    with torch.no_grad():
+        real = features(x)
+    loss_terms(backbone, features, x, y, real, gen, mmd_weight=0.05)["loss"].backward()
+    torch.save([p.grad for p in lora_parameters(model)], os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _lora_case(rank: int):
+    train = load_real("digits", "train")
+    images, labels = torch.from_numpy(train.to_float()), torch.from_numpy(train.labels)
+    backbone, features = load_backbone("tiny", "digits", (8, 8)), load_features("cnn", "digits")
+    model = add_lora(backbone.unet, rank=2, seed=0)
+    x, y = images[rank * 8:(rank + 1) * 8], labels[rank * 8:(rank + 1) * 8]
+    return backbone, features, model, x, y, torch.Generator().manual_seed(rank)
+
+
+@pytest.mark.integration
+def test_ddp_through_wrap_denoiser_averages_the_workers_gradients(tmp_path):
+    """What the Ray Train loop relies on: predict runs through the DDP wrapper, so each worker ends its backward
+    with the mean of both workers' LoRA gradients (a forward that bypassed DDP would keep its own)."""
+    torch.multiprocessing.spawn(_ddp_gradients, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    synced = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    alone = []
+    for rank in range(2):
+        backbone, features, model, x, y, gen = _lora_case(rank)
+        with torch.no_grad():
+            real = features(x)
+        loss_terms(backbone, features, x, y, real, gen, mmd_weight=0.05)["loss"].backward()
+        alone.append([p.grad for p in lora_parameters(model)])
+    assert any(g.abs().sum() > 0 for g in alone[0])
+    assert any(not torch.allclose(a, b) for a, b in zip(*alone))  # the two batches disagree
+    for g0, g1, a, b in zip(*synced, *alone):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, (a + b) / 2, rtol=1e-4, atol=1e-6)
+
+
 def test_sd15_attention_lora_saved_and_loaded_by_path(tmp_path, digits):
     """The tiny random sd15 (as tests/test_backbones.py builds it): LoRA on to_q/k/v/out, one step, saved, loaded."""
     _, images, labels = digits
