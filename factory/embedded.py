@@ -275,11 +275,13 @@ def _recipe(source: str, real, recipe: dict | None) -> dict:
     return recipe or RECIPES.get(source) or recipe_for(real.size, len(real.labels))
 
 
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+def warmup_cosine(opt: torch.optim.Optimizer, total: int, warmup: int):
+    """Linear warmup over ``warmup`` steps to the base rate, then cosine down to 5 % of it at ``total``."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=0.05 * opt.param_groups[0]["lr"])
+    ramp = LinearLR(opt, start_factor=1 / warmup, total_iters=max(1, warmup - 1))
+    return SequentialLR(opt, [ramp, cosine], milestones=[warmup])
 
 
 def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *, root: str | None = None,
@@ -319,6 +321,7 @@ def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *, 
     ema.requires_grad_(False)
     sched = DDPMScheduler(**scheduler_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    lr_schedule = warmup_cosine(opt, steps, warmup=min(200, steps // 10 + 1))
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"[unet:{dataset}] {n_params / 1e6:.2f}M params, sample_size={size}, {len(x)} train images, "
           f"{steps} steps x batch {batch_size}", flush=True)
@@ -332,13 +335,12 @@ def train_unet(dataset: str, out_dir: str | Path, steps: int, seed: int = 0, *, 
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, T, (batch_size,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1))
         loss = F.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        lr_schedule.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
@@ -404,6 +406,7 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *, 
     opt = torch.optim.AdamW(cnn.parameters(), lr=lr, weight_decay=5e-4)
     per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * per_epoch
+    lr_schedule = warmup_cosine(opt, total, warmup=min(100, total // 10 + 1))
     print(f"[cnn:{dataset}] {sum(p.numel() for p in cnn.parameters()) / 1e6:.2f}M params, "
           f"{len(x)} train images, {epochs} epochs", flush=True)
     t0, c0, step = time.time(), time.process_time(), 0
@@ -414,12 +417,11 @@ def train_cnn(dataset: str, out_dir: str | Path, epochs: int, seed: int = 0, *, 
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
             xb = _augment(x[idx], gen, **aug) if aug is not None else x[idx]
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, lr, warmup=min(100, total // 10 + 1))
             loss = F.cross_entropy(cnn.classify(xb), y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            lr_schedule.step()
             tot_loss += loss.item() * len(idx)
             step += 1
         if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:

@@ -1,6 +1,7 @@
 """The embedded backbone: config, save/load round trips, packaged digits checkpoints, size conversion."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -153,6 +154,22 @@ def _coloured_folder(root, size=12, train_per_class=10, test_per_class=4):
             rgb = (grey[..., None] * np.asarray(tints[c], dtype=np.float32)).astype(np.uint8)
             (root / split / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb, "RGB").save(root / split / name / f"{i:03d}.png")
+
+
+def test_warmup_cosine_ramps_to_the_base_rate_then_decays_to_five_percent():
+    from factory.embedded import warmup_cosine
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    schedule, rates = warmup_cosine(opt, total=30, warmup=4), []
+    for _ in range(30):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    for step, rate in enumerate(rates):
+        frac = (step - 4) / 26
+        want = 2e-3 * (step + 1) / 4 if step < 4 else 2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        assert rate == pytest.approx(want, rel=1e-9), step
+    assert rates[3] == pytest.approx(2e-3) and rates[-1] < 0.06 * 2e-3
 
 
 def test_recipe_for_sizes_the_models_from_the_data():
