@@ -62,7 +62,7 @@ def write_real_set(root: str, class_names: list[str], size: int, mode: str, trai
 def save_tiny_models(backbone: str, features: str, root: str, seed: int = 0, size: str = "tiny") -> dict:
     """Random-weight models of the job's kinds (``size`` "tiny", or "full" for the device benchmark),
     saved as folders: {"backbone": path, "features": path}."""
-    from factory.bench import build_components, build_features_model, save_pipeline
+    from factory.random_models import build_components, build_features_model, save_pipeline
 
     out = {}
     if backbone != "tiny":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from factory.backbones import DiTBackbone, load_backbone, load_features, to_mode
-from factory.bench import build_components, build_features_model, save_pipeline
+from factory.random_models import build_components, build_features_model, save_pipeline
 from factory.guidance import ChamferEnergy, LowDensityEnergy, OTEnergy
 from factory.guidance.softlabel import soft_label_embedding
 from factory.sampler import Guidance, predict_x0, sample

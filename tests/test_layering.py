@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "factory"
 LOWER = ["factory.backbones", "factory.embedded", "factory.guidance", "factory.sampler", "factory.metrics",
-         "factory.shards", "factory.data", "factory.bank", "factory.plan", "factory.config"]
+         "factory.shards", "factory.data", "factory.bank", "factory.plan", "factory.config", "factory.random_models"]
 UPPER = ["factory.stages", "factory.run", "factory.cli", "factory.report", "factory.dataplane", "factory.generate"]
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from factory.backbones import load_backbone, load_features
-from factory.bench import build_components, build_features_model, save_pipeline
+from factory.random_models import build_components, build_features_model, save_pipeline
 from factory.cli import main
 from factory.config import from_dict
 from factory.data import load_real
