@@ -1,73 +1,11 @@
 """Denoiser backbones and feature spaces behind the sampler's small interface (``factory.sampler.Backbone``).
 
-A backbone conditions by *embedding tensors*, not ids, so that DMGD's soft labels can interpolate
-them: ``condition(labels)`` returns the class embeddings, ``predict`` feeds them straight to the model.
-
-Backbones (``load_backbone(name, checkpoint, real_size, **options)``):
-
-- ``tiny``: the embedded class-conditional ``UNet2DModel`` (pixel space; the last class id is the
-  null class used for classifier-free guidance), loaded with ``from_pretrained`` from the packaged
-  weights or a local folder.
-- ``sd15``: Stable Diffusion 1.x — ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP text encoder.
-  A class becomes a prompt through ``prompt_template``; ``condition`` returns the prompt embeddings
-  (B, 77, 768), each class encoded once and cached; the null condition is the empty prompt.
-- ``sd35m``: Stable Diffusion 3.x — ``SD3Transformer2DModel`` + its VAE (scaling and shift factor) +
-  CLIP-L, CLIP-G and (optionally) T5 with a ``FlowMatchEulerDiscreteScheduler``. The condition is
-  a *packed* tensor (B, L + r, D): the L rows are the joint prompt embeddings, the last r rows hold
-  the pooled projection (zero padded to D, r = ceil(pooled_dim / D), 1 for SD3.5), so that
-  ``torch.cat`` along the batch (the sampler's CFG) and linear interpolation (DMGD soft labels) act
-  on both parts at once. :meth:`SD3Backbone.unpack` splits it.
-- ``dit-xl-2``: ``DiTTransformer2DModel`` + VAE, ImageNet class ids (null id 1000). ``condition``
-  returns the label embeddings of block 0's adaLN-Zero ``CombinedTimestepLabelEmbeddings``; every
-  block's label embedder is wrapped to pass float embeddings through. Converted DiT checkpoints
-  hold the same table in every block (the original DiT has one ``y_embedder``), so this is exact;
-  for checkpoints whose blocks hold different tables a warning says that block 0's is used.
-  The learned-sigma half of the output is dropped.
-
-Every latent backbone's folder is the layout a diffusers pipeline's ``save_pretrained`` writes
-(``unet/`` or ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``, ``scheduler/``); the
-checkpoint may be such a folder or a hub id. Options common to the latent backbones:
-
-- ``device``: "cuda" when available, else "cpu"
-- ``dtype``: "fp32" | "bf16" | "fp16"; default bf16 on GPU, fp32 on CPU
-- ``resolution``: the generated pixel size, int or [h, w]; default the model's native size
-- ``mode``: "L" | "RGB": the real set's mode; decode converts to it (default: keep RGB)
-- ``gradient_checkpointing``: true = decoder; or a list of "decoder", "denoiser"
-- ``guidance_decoder``: "vae" (default) | "tiny": the decoder used on the guidance path only
-- ``tiny_vae``: folder or hub id of an ``AutoencoderTiny`` (needed with guidance_decoder tiny)
-- ``scheduler``: sd15/dit-xl-2: "ddim" (default: DDIMScheduler.from_config of the folder's; the
-  sampler passes ``eta``, which DDPM/PNDM's step() rejects) | "native"; sd35m: "native"
-- ``variant``: a weights variant for ``from_pretrained`` ("fp16", ...)
-- ``compile``: false (default) | true | ``torch.compile`` keyword arguments: the denoiser, compiled once
-  per actor (the first shard pays for it; +22-52 % plain-CFG throughput on an H200, docs/benchmarks.md)
-- ``channels_last``: the convolutional modules (UNet, VAE) in NHWC memory format, cuDNN's fast layout on
-  tensor cores and oneDNN's on CPU; default true on ``tiny`` (the digits UNet, 1 thread: cfg 23 %, dmgd
-  10 %, Chamfer and low-density 5-7 % less time a shard), false on the others
-- ``lora`` (every backbone, ``tiny`` too): a peft LoRA adapter folder or URI, as Real-Fake fine-tuning
-  (factory/realfake.py) writes; merged into the denoiser's weights at load
-- ``class_names``: sd15/sd35m (required): the prompt of class i is built from class_names[i];
-  dit-xl-2: mapped to ImageNet ids (see class_ids)
-- ``prompt_template``: sd15/sd35m: default "a photo of a {class_name}" (underscores become spaces)
-- ``max_sequence_length``: sd35m: T5 tokens (default 256)
-- ``use_t5``: sd35m: false drops T5 (zeros in its place, as SD3 pipelines do without it)
-- ``class_ids``: dit-xl-2: ImageNet id of each dataset class (default: from class_names through the
-  folder's model_index.json id2label, as DiTPipeline.get_label_ids; else label i is id i)
-
-Device and dtype are an implementation detail of a backbone: every method takes and returns tensors
-on the caller's device in the caller's dtype (the sampler keeps x_t on ``backbone.device`` in float32) and
-computes on ``backbone.device`` in ``backbone.dtype``. ``condition`` returns float32 on
-``backbone.device``. ``decode`` returns float32 pixels in [-1, 1] at ``real_size`` (and the real
-mode). With ``guidance_decoder="tiny"`` the tiny decoder is used whenever autograd is recording —
-the sampler's guidance path — and the full VAE otherwise (the final decode runs under no_grad);
-``decode(x0, guidance=True/False)`` forces either.
-
-Feature spaces (``load_features(name, checkpoint, **options)``): differentiable modules mapping
-pixels in [-1, 1] (B, C, H, W), any size, one or three channels, to (B, D) float32 features:
-``cnn`` (the embedded one), ``dinov2`` (transformers ``Dinov2Model``, the pooled CLS token;
-default checkpoint "facebook/dinov2-large"), ``clip`` (``CLIPVisionModelWithProjection``,
-``image_embeds``; default "openai/clip-vit-large-patch14"). Options: ``device``, ``dtype``,
-``gradient_checkpointing`` (bool), ``image_size`` (the side the pixels are resized to; default the
-folder's preprocessor crop size, else 224).
+A backbone conditions by embedding tensors, not ids, so that DMGD's soft labels can interpolate them. Every
+method takes and returns tensors on the caller's device and dtype and computes on ``backbone.device`` in
+``backbone.dtype``; ``decode`` returns float32 pixels in [-1, 1] at ``real_size`` (and the real set's mode).
+Backbones (``load_backbone``): ``tiny``, ``sd15``, ``sd35m``, ``dit-xl-2``; feature spaces (``load_features``):
+``cnn``, ``dinov2``, ``clip``. Their options and conventions (SD3's packed condition, DiT's shared label
+table, the tiny guidance decoder) are in docs/backbones.md.
 """
 
 from __future__ import annotations

@@ -1,59 +1,9 @@
-"""``factory prepare``: a Ray Data job turning a real image set into the factory's Parquet layout.
+"""``factory prepare``: a Ray Data job turning a real image set (class folders, WebDataset tars or Parquet, local
+or any fsspec URI) into the factory's Parquet layout, ``data: {source: parquet, root: URI}``.
 
-    factory prepare SRC --output URI --size N [--resize center-crop|pad|stretch] [--mode auto|L|RGB]
-                    [--per-class K] [--seed S] [--test-fraction F] [--rows-per-file R] [--min-size PX]
-                    [--class-names FILE]
-
-Inputs (local or any fsspec URI, e.g. ``s3://``), found by what SRC holds:
-
-- an image folder, ImageNet layout: ``SRC/train/<class>/*`` and ``SRC/val/<class>/*`` (or ``SRC/test/``;
-  ``val`` wins when both exist) become the train and test splits. The val folder must hold one folder per
-  class (ImageNet's flat val folder with a labels file is not read: sort it into class folders first).
-  Labels are the positions of the class folders' names in sorted order, the class name is the folder name
-  (for ImageNet: the standard class index, the WordNet id as name).
-- a plain ``SRC/<class>/*`` folder: all of it is train, unless ``--test-fraction F`` moves a seeded,
-  per-image fraction F of it (hash of seed and path) to test.
-- WebDataset tars (``*.tar``; ``<key>.jpg|png|webp|...`` + ``<key>.cls``, optional ``<key>.json`` with
-  ``class_name``) and Parquet files (an ``image`` column, plain bytes or the ``datasets`` Image struct, and
-  an integer ``label``; optional ``key`` and ``class_name`` columns, or a ``datasets`` ClassLabel): under
-  ``SRC/train/`` and ``SRC/val|test/`` when those exist, else everything under SRC (with --test-fraction
-  as above). Tars and Parquet files are found in SRC and its split folders (deeper: ``--format``). Class
-  names: ``--class-names`` (which also maps text labels to their line number), else the data's, else the
-  label as text.
-
-Output, the layout ``load_real("parquet", "train"|"test", URI)`` reads, so a job runs it unchanged with
-``data: {source: parquet, root: URI}``::
-
-    <URI>/train/<unit>-<j>.parquet   key, image (PNG), label, class_name, seed (-1: a real image), written
-                                     by factory.shards.encode_parquet as a shard is (the label a ClassLabel
-                                     when the class names are known before the images are read)
-    <URI>/test/<unit>-<j>.parquet    at most --rows-per-file rows per file
-    <URI>/classes.json               class index: class_names in label order (+ descriptions), size, mode, counts
-    <URI>/_rejected.jsonl            one {"path", "reason"} per image left out (unreadable, empty, too small, ...)
-    <URI>/_prepare.json              the parameters; a rerun with other parameters is refused
-    <URI>/_parts/<unit>.json         a unit's completion marker, written after its files
-    <URI>/_SUCCESS                   written last: the summary
-
-A *unit* is one class folder of one split (``train-c00003``) or one input tar / Parquet file (``f00012``).
-Every unit is one Ray Data task that reads its inputs itself, decodes, converts and resizes with PIL,
-encodes PNG and writes its files (each atomically, with names fixed by the unit), then its marker. The
-driver lists class folders and input files (never the images in a folder), holds no image, and receives
-one small row per unit; it reads the markers at the end for the class index. A rerun skips units whose
-marker exists; with ``_SUCCESS`` present it does nothing. A tar or Parquet file that breaks off midway keeps
-the rows read before and is reported in ``_rejected.jsonl`` ("unreadable from here on").
-
-Mode: ``--mode auto`` (the default) looks at the first images of a few units and takes L when most of them
-are single-channel (L, 1, I;16, LA, ...), else RGB; every image is converted to that mode (palette and CMYK
-images included; alpha is dropped; 16-bit grey is scaled to 8 bits). Resize: ``center-crop`` scales the
-short side to N and crops the centre, ``pad`` scales the long side to N and pads with black (letterbox),
-``stretch`` scales both sides to N. Images whose short side is under ``--min-size`` (default N // 4, at
-least 1) are rejected as too small rather than blown up.
-
-``--per-class K`` keeps, per class of the train split, the K images with the smallest hash of (seed, key)
-that decode: seeded and deterministic, and computed from paths and labels only (for tars and Parquet a
-first Ray Data pass reads the labels and returns at most K candidates per class and file). The test split
-is kept whole. For tars and Parquet a selected image that turns out unreadable leaves its class one short
-(it is reported); class folders take the next one.
+One *unit* (a class folder of a split, or one input file) is one Ray Data task that reads, decodes, resizes
+and writes its files, then its marker; the driver lists folders and files, never images, and reads the
+markers at the end. A rerun skips finished units. Inputs, options and the output layout: docs/prepare.md.
 """
 
 from __future__ import annotations

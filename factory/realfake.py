@@ -1,45 +1,12 @@
 """Real-Fake (paper 002): LoRA fine-tuning of a backbone's denoiser with the MMD-augmented loss, on Ray Train.
 
-The denoiser of any DDPM-family backbone (``tiny``, ``sd15``, ``dit-xl-2``; not the flow-matching
-``sd35m``) gets a peft LoRA adapter (rank and alpha from the config; the base weights stay frozen) and
-is trained on the real train split with Eq. 21 of the paper:
-
-    L = L_simple + γ · L_MMD
-
-- ``L_simple``: the standard diffusion loss with the backbone's own noise schedule: t ~ U{0..T−1},
-  x_t = α_t x₀ + σ_t ε, MSE of the model output against ε, v = α_t ε − σ_t x₀ or x₀, by the
-  scheduler's ``prediction_type``. The condition is dropped to the null condition with probability
-  ``p_uncond``, so classifier-free guidance keeps working after fine-tuning.
-- ``L_MMD``: the squared MMD (Gaussian kernels, biased V-statistic) between the features of the model's
-  x̂₀ predictions (decoded to pixels, through the VAE for latent backbones) and the features of the
-  batch's real images, in the run's feature space (``factory.backbones.load_features``: the embedded
-  CNN for digits). The paper computes it in the VAE latent on ε (Eq. 7) and says MMD "in the feature
-  space"; the brief of this project asks for a feature space, which is what guidance and evaluation use.
-  Where the paper is silent we chose: bandwidths σ² = {0.5, 1, 2} × the median pairwise squared distance
-  of the batch's real features (the kernel values averaged); and the MMD term uses only the batch's
-  samples with ᾱ_t ≥ 0.05, because x̂₀ = (x_t − σ_t ε̂)/α_t amplifies the error of ε̂ by 1/α_t, which
-  reaches ~10³ at the noisy end of a cosine schedule and would turn the term into noise there.
-  γ = 0.05 by default (the paper's).
-
-LoRA targets: the attention projections of the denoiser (``to_q``, ``to_k``, ``to_v``, ``to_out.0``,
-as diffusers' own LoRA scripts); the embedded digits UNet has no attention, so for a denoiser without
-them the ResNet blocks' ``conv1`` / ``conv2`` are adapted instead (peft LoRA on Conv2d).
-
-Training runs on Ray Train (``TorchTrainer``, ``ScalingConfig(num_workers)``): every worker loads the
-backbone and feature space itself, draws its own batches (seeded by run seed, rank and step, so a
-resumed run draws what an uninterrupted one would), and the LoRA gradients are averaged across workers
-with one all-reduce per step (the base model is frozen, so DDP's bucketing would only cost). Every
-``checkpoint_every`` steps rank 0 reports a checkpoint (the adapter + optimizer state) under
-``RunConfig(storage_path, name)``; rerunning with the same storage and name resumes from it, and a
-run that already reached its steps is read back without starting a worker (as factory/downstream.py).
-
-The artifact is a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
-``PeftModel.save_pretrained`` writes) plus ``realfake.json`` (the config digest, loss history), written
-last as its completion marker. A sampler loads it by path: backbone option ``lora: <folder or URI>``
-(``load_backbone``), which merges it into the denoiser's weights (``factory.lora.load_adapter``).
-
-Left out: the paper's intra-class visual-guidance token (mean CLIP image embedding appended to the text
-condition) for text backbones. The latent-prior initialisation is the recipe's ``init_strength``.
+``L = L_simple + gamma * L_MMD`` (Eq. 21): the diffusion loss with the backbone's own schedule and condition
+dropout, plus the squared MMD between the features of the model's x0 predictions and the batch's real
+features (in the run's feature space; only samples with alpha_bar >= 0.05). Workers train under
+``TorchTrainer``; ``prepare_model`` wraps the denoiser in DDP and the backbone routes its forward through it.
+Rank 0 checkpoints every ``checkpoint_every`` steps, and a rerun resumes. The artifact is a peft adapter
+folder plus ``realfake.json``, its completion marker, written last; ``backbone.options.lora`` loads it.
+Bandwidths, LoRA targets and what is left out: docs/methods.md.
 """
 
 from __future__ import annotations

@@ -1,38 +1,12 @@
-"""Chamfer guidance energy (paper 000: "Increasing the Utility of Synthetic Images
-through Chamfer Guidance", NeurIPS 2025).
+"""Chamfer guidance energy (paper 000: "Increasing the Utility of Synthetic Images through Chamfer Guidance").
 
-The energy is the (squared-L2) Chamfer distance between a small set of real
-reference features X (k per class, the paper uses k in {2, ..., 32}) and the
-features Y of the generated batch:
+The squared-L2 Chamfer distance between k real reference features X and the batch's features Y:
+coverage (every reference has a sample nearby) + fidelity (every sample is near a reference). What the paper
+leaves open and what we chose — one gradient scale for the class's set, every step with a small gamma,
+the terms' balance when k < batch, K-means references weighted by cluster mass, ``frozen`` for
+progressive batches — is in docs/methods.md, with the measurements in docs/science.md.
 
-    L(X, Y) = 1/|X| sum_{x in X} min_{y in Y} ||x - y||^2      (coverage)
-            + 1/|Y| sum_{y in Y} min_{x in X} ||x - y||^2      (fidelity)
-
-Coverage asks every reference to have a generated sample nearby (diversity),
-fidelity asks every generated sample to be near some reference (quality).  The
-sampler takes ``-gamma * grad_{x_t} L`` on the DDIM estimate x0_hat.
-
-What the paper leaves open, and what we chose (measured on digits at 10 images per
-class, docs/science.md): the gradient's scale (one scale for the class's set,
-``normalize: set``, so the coverage term moves only the sample nearest an uncovered
-reference, and by how far it is; per image would move every sample a full step),
-the schedule (every step with a small gamma rather than G_freq = 5: the last steps
-must be guided or the unguided tail undoes the placement), the terms' balance when
-k < batch (``balance``), one shard = one class, and which references: the paper
-draws k random images, whose k-means the set can at best become (0.785 coverage on
-digits at 10 per class); the class's k K-means centres weighted by cluster mass
-(``masses``, ``references: kmeans``) summarise the whole class (0.877 at best).
-
-Greedy/progressive batches (``frozen``): when a class is generated in several
-batches, the features of the already committed samples are passed as
-``frozen``.  Coverage is then measured for the *whole* generated set
-``cat(frozen, features)`` (so the new batch is pulled towards references the
-earlier batches left uncovered), whereas fidelity is averaged over the new
-batch only (the frozen samples' fidelity is a constant).  This extension is
-ours; the paper generates one batch per reference set.
-
-Nothing here knows about Ray or diffusion models.  All functions are pure and
-deterministic.
+Nothing here knows about Ray or diffusion models; all functions are pure and deterministic.
 """
 
 from __future__ import annotations

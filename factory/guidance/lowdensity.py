@@ -1,67 +1,11 @@
-"""Low-density guidance energies (paper 001: Sehwag et al., "Generating High Fidelity
-Data from Low-density Regions using Diffusion Models", CVPR 2022).
+"""Low-density guidance energies (paper 001: Sehwag et al., "Generating High Fidelity Data from Low-density
+Regions using Diffusion Models", CVPR 2022).
 
-Hardness score (Eq. 3): the negative log-likelihood of a feature z under the
-Gaussian model N(mu_y, Sigma_y) of class y in the embedding space,
-
-    H(z, y) = 1/2 [ (z - mu_y)^T Sigma_y^-1 (z - mu_y) + ln det Sigma_y + k ln 2 pi ].
-
-alpha term (Eq. 4), maximised by the paper: the contrastive log-softmax of
-hardness over the C classes with temperature tau,
-
-    L_g1(z, y) = log [ exp(H(z, y)/tau) / sum_{j=1..C} exp(H(z, j)/tau) ]
-
-(the paper prints ``H(x_j, j)`` in the denominator; the sum runs over classes
-for the same sample, "C is the total number of classes").  Maximising it makes
-the sample hard (unlikely) for its own class *relative* to the others.
-
-beta term (Eq. 6): a binary real(1)/synthetic(0) discriminator with score
-H'; the paper's loss is ``-log softmax(H'/tau)[real]`` with H' "hardness"
-(an NLL-like score), so the objective is to make the sample look *real*.  We
-use the discriminator's real-vs-fake logit ``l(z)`` (``H'(z,1) - H'(z,0) =
--l(z)`` up to sign convention) and ``log p(real | z) = log sigmoid(l(z)/tau')``.
-
-Energies (lower is better, batch mean):
-
-    term_hard = -mean_b L_g1(z_b, y)
-    term_disc = -mean_b log p(real | z_b)
-
-Combination (Eq. 7 / Algorithm 1): the paper normalises the gradient of each
-guiding loss *separately* before weighting them, so the sampler should do
-
-    g_hard = grad_{x_t} term_hard,  g_disc = grad_{x_t} term_disc
-    g      = alpha * g_hard / ||g_hard|| + beta * g_disc / ||g_disc||
-    x_{t-1} = mu_theta - Sigma_theta * g + noise            (descent on the energies)
-
-per sample, with ``||.||`` the l_inf norm (Appendix A.4: "We normalize
-gradients to have unit l_inf norm"; Algorithm 1 writes a generic norm).
-:meth:`LowDensityEnergy.terms` returns the separate scalars and
-:func:`normalized_combination` implements the combination;
-``LowDensityEnergy.__call__`` returns the unnormalised
-``alpha * term_hard + beta * term_disc`` for simple use.  The paper searches
-alpha, beta in [0.01, 1] (main setting alpha = 0.5 when studying beta).
-
-Choices the paper leaves open (ours, documented):
-
-* tau is not given in the paper; default 1.0 (with normalised gradients it only
-  sets how sharply the softmax concentrates on the closest competing classes).
-* Single-class mode (``mean`` of shape [D]): the contrastive normaliser needs
-  the other classes' Gaussians; without them the term degenerates to
-  ``term_hard = -mean_b H(z_b, y) / tau`` (maximise the class NLL directly).
-  Pass all classes' means ([C, D]) plus ``label`` to get Eq. 4 exactly.
-* Precision: ``None`` = identity (what the paper uses *during sampling*,
-  Appendix A.1, because features of noisy samples have tiny variance), a
-  shared ``[D, D]`` matrix, or per-class ``[C, D, D]`` (memory C*D^2).  The
-  ``ln det Sigma`` term is included (it matters across classes in Eq. 4); it
-  is 0 for the identity.
-* :func:`fit_class_gaussians` adds a small ridge (relative to the mean
-  variance) to the sample covariance so it is invertible when N_class <= D,
-  matching ``factory.metrics.ClassGaussian`` (whose ``whiten`` W gives
-  ``precision = W^T W`` and whose ``means`` can be passed here directly).
-* The paper's discriminator is a time-conditioned U-Net encoder trained on 1.2M
-  synthetic vs real images; here it is a small MLP on (extractor) features,
-  trained by :meth:`FeatureDiscriminator.fit` with class-balanced BCE.
-* ``frozen`` is ignored: both terms are per-sample.
+alpha term (Eq. 4): the contrastive log-softmax over classes of the hardness H(z, y), the class Gaussian's
+negative log-likelihood (Eq. 3); beta term (Eq. 6): a real-vs-synthetic discriminator's log p(real | z).
+The paper normalises each term's gradient separately (unit l_inf per sample) before weighting them
+(:func:`normalized_combination`, per image as the paper prescribes). tau, the single-class mode, the precision
+and the discriminator (a small MLP on features) are our choices: docs/methods.md.
 """
 
 from __future__ import annotations

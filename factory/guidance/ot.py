@@ -1,59 +1,10 @@
-"""Optimal-transport distribution-matching energy (paper 003, DMGD, "OT Distribution
-Matching Guidance", "Distribution Approximation" and "Greedy Progressive Matching").
+"""Optimal-transport distribution-matching energy (paper 003, DMGD: "Distribution Approximation" and
+"Greedy Progressive Matching").
 
-Target measure (Distribution Approximation): the class's training features are
-quantised with intra-class K-means; the K centres are the support points k_i
-and the cluster fractions are the masses m_i = c_i / sum_j c_j
-(:func:`kmeans_support`; paper default K = 10).
-
-Energy: the entropic OT cost between the empirical measure of the generated
-features (uniform masses) and the support measure,
-
-    L_OT = <gamma*, C>,   C_ij = ||z_i - k_j||^2 / s,
-    gamma* = Sinkhorn(a = 1/n, b = m, C, eps)
-
-computed with POT's ``ot.sinkhorn2`` on the torch backend (paper defaults
-eps = 0.1 and 5 Sinkhorn iterations).  ``<gamma*, C>`` is the linear part of
-the entropic objective, as in the paper (``W_eps = <gamma*, C>``).
-
-Choices the paper leaves open (ours):
-
-* **Cost.**  The paper says "Euclidean cost"; we use the squared Euclidean
-  distance (the usual W2 ground cost, smooth at 0), as the brief asks.
-* **Cost normalisation.**  eps = 0.1 is only meaningful relative to the scale
-  of C, which depends on the feature extractor.  C is divided by a *fixed*
-  scale ``s`` (not by a per-call statistic, so that values are comparable
-  across steps and the returned scalar's gradient is its true gradient):
-  ``s`` = the expected squared distance between two independent draws of the
-  target measure, ``E||x - x'||^2 = 2 tr Cov`` -- computed from the class's
-  training features by :meth:`OTEnergy.from_features`
-  (:func:`cost_scale_from_features`), or from the support measure itself
-  when the plain constructor gets ``cost_scale=None``.  With this scale a
-  sample at a typical in-class distance from a support point costs ~0.5-1
-  and eps = 0.1 gives a fairly sharp plan.  ``cost_scale`` may also be a
-  float, or ``"mean"`` / ``"max"`` (per-call detached mean/max of C, the POT
-  examples' habit; then the gradient treats the scale as a constant).
-* **Precision.**  Sinkhorn runs in float64 (the problem is tiny: n x K), so
-  ``exp(-C/eps)`` does not underflow for costs up to ~70 scale units; beyond
-  that (features very far from the support, e.g. at the noisiest steps) the
-  log-domain variant ``sinkhorn_log`` is used automatically (same iterates in
-  exact arithmetic).
-* **Gradient.**  ``plan_grad="autodiff"`` (default) differentiates through the
-  5 Sinkhorn iterations, so the sampler's gradient is the exact gradient of
-  the returned scalar.  ``plan_grad="envelope"`` detaches the plan, giving the
-  paper's written gradient ``grad sum_j gamma*_ij C_ij`` with gamma* held
-  fixed (cheaper, and the exact gradient of the regularised OT value at
-  convergence).
-* **Greedy progressive matching (frozen).**  When earlier samples of the class
-  are already committed, the generated measure is the uniform measure on
-  ``cat(frozen, features)`` (frozen detached), so the new batch is pushed to
-  the mass the frozen samples leave uncovered.  The paper optimises one sample
-  at a time (batch of 1 with all previous samples frozen); any batch size works
-  here.
-* **Time window.**  The paper applies OT guidance only for t in [30, 45] of
-  its 50 DiT steps; :data:`DMGD_OT_WINDOW` / :func:`in_ot_window` express that
-  as fractions ``t_frac = t / T`` (1 = pure noise, 0 = clean).  The sampler
-  decides whether to use it.
+The entropic OT cost (POT's ``sinkhorn2``, torch backend) between the batch's features (uniform masses) and the
+class's K-means support (masses = cluster shares): ``<gamma*, C>``, C the squared distance over a fixed cost
+scale. The choices the paper leaves open (cost and its scale, float64 / log-domain Sinkhorn, gradient through
+the plan or not, ``frozen`` samples, the time window) are in docs/methods.md.
 """
 
 from __future__ import annotations

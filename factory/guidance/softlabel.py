@@ -1,54 +1,10 @@
 """Dynamic soft-label semantic guidance (paper 003, DMGD, "Dynamic Semantic Matching").
 
-DMGD replaces the fixed class condition by a time-varying one, in three stages
-of the reverse trajectory (paper, T = 50 DiT sampling steps counted down):
-
-1. **Random exploration** (t >= 45),
-2. **Dynamic soft-label guidance** (t in [25, 45]) with the "label diffusion"
-
-       f~(y) = sqrt(sigma_t) f(y) + (1 - sqrt(sigma_t)) (beta_s f(y*) + beta_n n)
-
-   where y* is a random *other* class (pushes samples towards class
-   boundaries -> informative hard samples), n is anisotropic Gaussian noise
-   (exploration) and sigma_t is a schedule; paper defaults beta_s = 0.01,
-   beta_n = 0.06,
-3. **Semantic refinement** (t <= 25): the pure class embedding f(y).
-
-The conditioning goes through the model's usual (CFG) path; the semantic
-matching gradient of DMGD is ``omega (eps(z, 0) - eps(z, f~))``, i.e. CFG with
-the soft label in place of the hard one (CFG scale 1 + omega = 4).
-
-Time convention: ``t_frac = t / T`` in [0, 1], **1 = first step (pure
-noise), 0 = end (clean)**.  The paper's boundaries become
-``explore_from = 45/50 = 0.9`` and ``refine_until = 25/50 = 0.5``:
-``t_frac >= 0.9`` explore, ``t_frac <= 0.5`` refine, in between soft label.
-
-Choices the summary of the paper leaves open (ours):
-
-* **sigma_t.**  Not given.  We read the formula as a forward diffusion of the
-  label run in step with the image's: the label is fully "diffused"
-  (sigma = 0) when exploration ends and fully clean (sigma = 1) when
-  refinement starts, so the conditioning is continuous at the soft ->
-  refine boundary.  Default ``"linear"``: ``sigma_t = s`` with ``s`` the
-  progress through the soft stage (0 at ``explore_from``, 1 at
-  ``refine_until``); ``"cosine"``: ``sigma_t = sin^2(pi s / 2)``; or any
-  callable ``s -> sigma``.
-* **Exploration stage.**  The "random exploration" condition is the fully
-  diffused label of the same process, ``sigma = 0``:
-  ``beta_s f(y*) + beta_n n`` -- a random condition carrying (almost) no class
-  information, so early steps explore freely.  (A sampler that prefers the
-  model's null/unconditional embedding there can test :func:`stage` itself.)
-* **Anisotropic noise.**  ``n = noise_std * N(0, I)`` elementwise.  Default
-  ``noise_std = |f(y) - f(y*)| / sqrt(2)`` (per-element standard deviation of
-  the two embeddings): scale-aware for any embedding space and concentrated on
-  the coordinates in which classes differ.  For class-id models, pass
-  ``noise_std=embedding_noise_std(table)`` (per-dimension std over the whole
-  class-embedding table) -- a better estimate of the embedding distribution's
-  anisotropy.  A float gives isotropic noise.
-
-Works on any embedding shape (class vectors [D], batches [B, D], prompt
-embedding sequences [L, D] / [B, L, D]); all randomness comes from the given
-``torch.Generator`` (noise drawn on the generator's device, then moved).
+The class condition becomes time-varying: random exploration (``t_frac >= explore_from``), the label
+diffusion ``sqrt(sigma_t) f(y) + (1 - sqrt(sigma_t)) (beta_s f(y*) + beta_n n)`` towards a random other class
+y*, then the pure class embedding (``t_frac <= refine_until``); ``t_frac = t / T``, 1 = pure noise. Works on
+any embedding shape; all randomness comes from the given generator. sigma_t's schedule, the exploration
+condition and the noise's anisotropy (the paper leaves them open) are in docs/methods.md.
 """
 
 from __future__ import annotations
