@@ -205,3 +205,13 @@ def test_h200_and_h100_rates_come_from_the_measured_mfu_unless_an_mfu_is_given()
     assert row["rate"] == "estimate"
     (row,) = estimate(cfg, gpu="a100")["recipes"]  # nothing measured on an A100
     assert row["rate"] == "estimate"
+
+
+def test_factory_plan_runs_without_importing_torch():
+    """``factory plan`` is for a laptop before a cluster exists: it must not pay torch's import."""
+    code = ("import contextlib, io, sys\nfrom factory.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['plan', 'jobs/digits.yaml'])\n"
+            "print('torch' in sys.modules)")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"
