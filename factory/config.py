@@ -464,6 +464,9 @@ class DownstreamConfig(Section):
     enabled: bool = False
     model: Classifier = "resnet18"  # convnet: the dataset-distillation benchmark's ConvNet (instance norm)
     epochs: int = Field(10, ge=1)
+    # reports and checkpoints per classifier, evenly over its epochs (and at the last): each costs Ray Train
+    # ~1 s; fewer lose more epochs to a preemption
+    checkpoints: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: Float = Field(0.05, gt=0)
     num_workers: int = Field(2, ge=1)  # Ray Train workers

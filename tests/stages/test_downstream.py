@@ -47,8 +47,8 @@ def stage(local_ray, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out"))
     _commit_real(ShardSink(out, ["parquet"], class_names=train.class_names), train, "cfg")
     cfg = from_dict({"data": {"source": "digits"}, "recipes": {"cfg": {"cfg_scale": 2.0}},
-                     "downstream": {"enabled": True, "epochs": 1, "batch_size": 32, "lr": 0.02, "num_workers": 1,
-                                    "train_on": ["synthetic", "real"]}})
+                     "downstream": {"enabled": True, "model": "convnet", "epochs": 1, "batch_size": 32, "lr": 0.02,
+                                    "num_workers": 1, "train_on": ["synthetic", "real"]}})
     plan = Plan([RecipePlan("cfg", 135, 135)], list(range(10)), train.class_names, 0)
     info = Info(train, test)
     return cfg, out, plan, info, run_downstream(cfg, out, plan, info)
@@ -89,8 +89,8 @@ def test_the_distillation_protocol_trains_seeds_and_a_random_real_subset(local_r
     out = str(tmp_path / "out")
     _commit_real(ShardSink(out, ["parquet"], class_names=train.class_names), train, "cfg", per_class=10)
     cfg = from_dict({"data": {"source": "digits"}, "recipes": {"cfg": {"images_per_class": 10}},
-                     "downstream": {"enabled": True, "model": "convnet", "epochs": 40, "lr": 0.01, "num_workers": 2,
-                                    "parallel": "runs", "seeds": 2, "random_real": True, "augment": "resized_crop",
+                     "downstream": {"enabled": True, "model": "convnet", "epochs": 40, "checkpoints": 4, "lr": 0.01,
+                                    "num_workers": 2, "parallel": "runs", "seeds": 2, "random_real": True, "augment": "resized_crop",
                                     "flip": True, "cutmix": 0.5}})
     plan = Plan([RecipePlan("cfg", 10, 10)], list(range(10)), train.class_names, 0)
     got = run_downstream(cfg, out, plan, Info(train, test))
@@ -106,6 +106,8 @@ def test_the_distillation_protocol_trains_seeds_and_a_random_real_subset(local_r
     assert {r["seed"] for r in results.values()} == {0, 1} and all(r["train_images"] == 100 for r in results.values())
     # a seed changes the classifier (initialisation, order, augmentation; for random_real the subset too)
     assert results["cfg-synthetic.json"]["history"] != results["cfg-synthetic-s1.json"]["history"]
+    # checkpoints: 4 over 40 epochs: a report and checkpoint every 10 epochs, one history entry each
+    assert all([h["epoch"] for h in r["history"]] == [10, 20, 30, 40] for r in results.values())
 
 
 def test_a_recipe_named_like_a_real_row_is_refused():
