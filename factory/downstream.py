@@ -8,10 +8,11 @@ a local shuffle buffer), so no process holds the set. The real test split is rea
 classifiers (one per recipe and mode, and real) train in one Ray Train run, so its start-up is paid once:
 one after another, every worker on its share of the rows (``parallel: data``, DDP), or dealt out whole to
 the workers (``parallel: runs``: many small sets on CPUs, no gradient traffic). ``checkpoints`` times a
-classifier (evenly over its epochs) a worker calls ``ray.train.report`` with a checkpoint (model, optimizer, epoch, history, finished results) under
-``<storage_path>/<name>``; a rerun with the same storage path and name resumes from the latest checkpoint
-(Ray Train V2 reloads the run's snapshot and ``ray.train.get_checkpoint()`` hands it to the workers), and
-classifiers that already reached their epochs are read back without training.
+classifier (evenly over its epochs) its worker calls ``ray.train.report`` with a checkpoint (model,
+optimizer, epoch, history, finished results) under ``<storage_path>/<name>``; a rerun with the same storage
+path and name resumes from the latest checkpoint (Ray Train V2 reloads the run's snapshot and
+``ray.train.get_checkpoint()`` hands it to the workers), and classifiers that already reached their epochs are
+read back without training.
 """
 
 from __future__ import annotations

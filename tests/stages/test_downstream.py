@@ -90,8 +90,8 @@ def test_the_distillation_protocol_trains_seeds_and_a_random_real_subset(local_r
     _commit_real(ShardSink(out, ["parquet"], class_names=train.class_names), train, "cfg", per_class=10)
     cfg = from_dict({"data": {"source": "digits"}, "recipes": {"cfg": {"images_per_class": 10}},
                      "downstream": {"enabled": True, "model": "convnet", "epochs": 40, "checkpoints": 4, "lr": 0.01,
-                                    "num_workers": 2, "parallel": "runs", "seeds": 2, "random_real": True, "augment": "resized_crop",
-                                    "flip": True, "cutmix": 0.5}})
+                                    "num_workers": 2, "parallel": "runs", "seeds": 2, "random_real": True,
+                                    "augment": "resized_crop", "flip": True, "cutmix": 0.5}})
     plan = Plan([RecipePlan("cfg", 10, 10)], list(range(10)), train.class_names, 0)
     got = run_downstream(cfg, out, plan, Info(train, test))
     assert sorted(os.listdir(os.path.join(out, "_downstream"))) == [
