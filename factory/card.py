@@ -19,7 +19,7 @@ from factory.plan import Plan
 from factory.shards import hf_features
 
 METRICS = [("precision", "precision"), ("recall", "recall"), ("density", "density"), ("coverage", "coverage"),
-           ("f1_pc", "F1(P,C)"), ("fd", "FD"), ("hardness_mean", "hardness")]
+           ("f1_pc", "F1(P,C)"), ("label_agreement", "label agreement"), ("fd", "FD"), ("hardness_mean", "hardness")]
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
 

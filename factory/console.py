@@ -262,7 +262,8 @@ def summary_table(output: str, metrics: dict, wall: dict, report: str | None = N
                   tuning: dict | None = None) -> str:
     """The run's closing summary: a table of every set (the real train split first) and the wall times."""
     columns = [("images", "num_images", 0), ("precision", "precision", 3), ("recall", "recall", 3),
-               ("coverage", "coverage", 3), ("FD", "fd", 3), ("hardness", "hardness_mean", 1)]
+               ("coverage", "coverage", 3), ("labels", "label_agreement", 3), ("FD", "fd", 3),
+               ("hardness", "hardness_mean", 1)]
     # downstream accuracy on the real test split, one column per training mode of the recipes' sets; the
     # real train split's classifier ("real" mode) in the first
     modes = sorted({m for row in metrics.values() for m in (row.get("downstream") or {})} - {"real"}) or \

@@ -2,6 +2,7 @@
 
 - PRDC (Naeem et al. 2020, "Reliable Fidelity and Diversity Metrics for Generative Models") and F1(P, C).
 - Fréchet distance between the Gaussians fitted to two sets.
+- Label agreement: how often a synthetic image's k nearest real images carry its class (a k-NN vote).
 - Class-conditional Gaussian hardness H (Sehwag et al. 2022, Eq. 3), a differentiable torch function of features.
 - AvgkNN and LOF neighbourhood-density scores of synthetic points relative to real ones (Sehwag et al., Sec. 4.2).
 - Nearest-neighbour search and the memorisation check (Sehwag et al., Sec. 5).
@@ -107,6 +108,25 @@ def prdc(real, fake, k: int = 5, chunk: int = 4096) -> dict:
         "density": hits.item() / (k * len(fake)),
         "coverage": real_covered.double().mean().item(),
     }
+
+
+@torch.no_grad()
+def label_agreement(real, real_labels, fake, fake_labels, k: int = 5, chunk: int = 4096) -> float:
+    """Fraction of ``fake`` rows whose k nearest ``real`` rows vote (plurality; a tie goes to the nearest of the
+    tied classes) for the fake row's own label. PRDC is blind to labels: an image of the wrong class, or between
+    two, still lands inside a real ball; this is the part of fidelity a classifier trained on the set feels."""
+    real, fake = _t(real), _t(fake)
+    real_labels = torch.as_tensor(real_labels).to(real.device).long()
+    fake_labels = torch.as_tensor(fake_labels).to(real.device).long()
+    if len(fake) == 0:
+        return float("nan")
+    d2, idx = _knn_sq(fake, real, k, chunk)
+    votes = real_labels[idx]  # (M, k), nearest first
+    same = votes[:, :, None] == votes[:, None, :]
+    counts = same.sum(2)  # how many of the k votes agree with each vote
+    # plurality; among tied classes the one with the nearest vote: the first position holding the maximum count
+    winner = votes.gather(1, counts.argmax(1, keepdim=True))[:, 0]
+    return (winner == fake_labels).double().mean().item()
 
 
 def f1(precision: float, coverage: float) -> float:
@@ -286,11 +306,12 @@ def memorisation(fake, train, top: int = 8, quantile: float = 0.01, probe: int =
 
 @torch.no_grad()
 def summary(real_test_feats, real_test_labels, fake_feats, fake_labels, gaussian: ClassGaussian, k: int = 5) -> dict:
-    """PRDC, F1(precision, coverage), Fréchet distance of fake vs the real test set, mean hardness of fake, and the
-    real test set's hardness mean / std (unbiased) for reference. Plain floats."""
+    """PRDC, F1(precision, coverage), Fréchet distance and label agreement of fake vs the real test set, mean hardness
+    of fake, and the real test set's hardness mean / std (unbiased) for reference. Plain floats."""
     m = prdc(real_test_feats, fake_feats, k=k)
     m["f1_pc"] = f1(m["precision"], m["coverage"])
     m["fd"] = frechet_distance(real_test_feats, fake_feats)
+    m["label_agreement"] = label_agreement(real_test_feats, real_test_labels, fake_feats, fake_labels, k=k)
     h_fake = gaussian.hardness(_t(fake_feats).double(), fake_labels)
     h_real = gaussian.hardness(_t(real_test_feats).double(), real_test_labels)
     m["hardness_mean"] = h_fake.mean().item()

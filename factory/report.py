@@ -53,6 +53,9 @@ METRIC_COLUMNS = [
      "Fraction of real test images whose k-NN ball holds at least one synthetic image (mode coverage, "
      "robust to outliers)."),
     ("f1_pc", "F1(P,C)", "max", "Harmonic mean of precision and coverage: one number for fidelity and coverage."),
+    ("label_agreement", "label agreement", "max",
+     "Fraction of synthetic images whose k nearest real test images mostly carry the image's own class "
+     "(a k-NN vote): PRDC cannot see an image of the wrong class, a classifier trained on the set can."),
     ("fd", "FD", "min",
      "Fréchet distance between Gaussians fitted to the real test and synthetic features (FID's formula in "
      "this feature space)."),
@@ -60,6 +63,7 @@ METRIC_COLUMNS = [
      "Mean class-Gaussian hardness H = −log N(f; μ_y, Σ_y), Gaussians fitted on the real train split's "
      "features. Higher = rarer, harder samples; highlighted: closest to the real test split's mean."),
 ]
+OPTIONAL_KEYS = {"label_agreement"}
 ARROWS = {"max": "↑", "min": "↓", "one": "→ 1", "real": "≈ real"}
 
 
@@ -191,7 +195,7 @@ def _num(v, key: str = "") -> str:
         return str(v)
     if isinstance(v, int):
         return f"{v:,}"
-    if key in ("precision", "recall", "density", "coverage", "f1_pc"):
+    if key in ("precision", "recall", "density", "coverage", "f1_pc", "label_agreement"):
         return f"{v:.3f}"
     a = abs(v)
     if a >= 1000:
@@ -234,8 +238,9 @@ def metrics_view(metrics: dict, k: int | None = None) -> dict:
     names = [n for n in metrics if n != "real"] + (["real"] if "real" in metrics else [])
     modes = sorted({mode for m in metrics.values() for mode in (m.get("downstream") or {})},
                    key=lambda s: ({"synthetic": 0, "mixed": 1, "real": 2}.get(s, 3), s))
-    cols = [(key, h, b) for key, h, b, _ in METRIC_COLUMNS] + [(f"downstream:{m}", f"accuracy · {m}", "max")
-                                                              for m in modes]
+    # a metric no set has (label_agreement in a metrics.json written before it existed) gets no column
+    shown = [c for c in METRIC_COLUMNS if c[0] not in OPTIONAL_KEYS or any(c[0] in m for m in metrics.values())]
+    cols = [(key, h, b) for key, h, b, _ in shown] + [(f"downstream:{m}", f"accuracy · {m}", "max") for m in modes]
 
     def value(name, key):
         if key.startswith("downstream:"):
@@ -259,7 +264,7 @@ def metrics_view(metrics: dict, k: int | None = None) -> dict:
         rows.append({"name": n, "real": n == "real", "cells": cells})
     return {"headers": [{"key": key, "lines": h.split(" · "), "arrow": ARROWS[b] if b else ""} for key, h, b in cols],
             "rows": rows, "modes": modes, "k": k,
-            "legend": [{"header": h, "arrow": ARROWS[b] if b else "", "text": d} for _, h, b, d in METRIC_COLUMNS],
+            "legend": [{"header": h, "arrow": ARROWS[b] if b else "", "text": d} for _, h, b, d in shown],
             "real_hardness": _num(real_h) if real_h is not None else None,
             "real_hardness_std": _num(real_h_std) if real_h_std is not None else None}
 

@@ -157,6 +157,33 @@ def test_memorisation_finds_planted_copy():
     assert m["nn_median"] == pytest.approx(np.median(nn)) and m["nn_mean"] == pytest.approx(nn.mean())
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_label_agreement_is_a_knn_vote(chunk):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(3)
+    real, real_labels = rng.normal(size=(60, 5)), rng.integers(0, 2, 60)  # two classes, k odd: no tied votes
+    fake, fake_labels = rng.normal(size=(45, 5)), rng.integers(0, 2, 45)
+    want = (KNeighborsClassifier(5).fit(real, real_labels).predict(fake) == fake_labels).mean()
+    assert metrics.label_agreement(real, real_labels, fake, fake_labels, k=5, chunk=chunk) == pytest.approx(want)
+    assert 0.2 < want < 0.8  # random labels: neither extreme, so the comparison tests the vote
+
+
+def test_label_agreement_separated_classes_swapped_labels_and_ties():
+    rng = np.random.default_rng(4)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    real_labels = np.repeat(np.arange(3), 20)
+    real = centres[real_labels] + rng.normal(size=(60, 2))
+    fake_labels = np.repeat(np.arange(3), 5)
+    fake = centres[fake_labels] + rng.normal(size=(15, 2))
+    assert metrics.label_agreement(real, real_labels, fake, fake_labels, k=5) == 1.0
+    assert metrics.label_agreement(real, real_labels, fake, (fake_labels + 1) % 3, k=5) == 0.0
+    # a 2-2 tie between classes 1 and 0: the class of the nearest vote wins
+    real = np.array([[1.0], [2.0], [-1.1], [-2.1]])
+    assert metrics.label_agreement(real, [1, 1, 0, 0], np.zeros((1, 1)), [1], k=4) == 1.0
+    assert metrics.label_agreement(real, [0, 0, 1, 1], np.zeros((1, 1)), [1], k=4) == 0.0
+
+
 def test_summary_is_plain_floats():
     import json
 
@@ -164,7 +191,7 @@ def test_summary_is_plain_floats():
     rng = np.random.default_rng(8)
     fake, fake_labels = rng.normal(size=(40, 4)).astype(np.float32), torch.from_numpy(rng.integers(0, 3, 40))
     s = metrics.summary(torch.from_numpy(feats), torch.from_numpy(labels), torch.from_numpy(fake), fake_labels, g, k=3)
-    assert set(s) == {"precision", "recall", "density", "coverage", "f1_pc", "fd", "hardness_mean",
+    assert set(s) == {"precision", "recall", "density", "coverage", "f1_pc", "fd", "label_agreement", "hardness_mean",
                       "real_hardness_mean", "real_hardness_std"}
     assert all(type(v) is float for v in s.values())
     json.dumps(s)

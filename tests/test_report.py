@@ -437,3 +437,16 @@ def test_metrics_table_shows_seeds_as_mean_and_std_and_a_row_without_scores():
     assert cells["cfg"][-2:] == ["90.0 ± 1.2 %", "–"] and cells["random_real"][-2:] == ["–", "91.0 %"]
     precision = [h["key"] for h in view["headers"]].index("precision")
     assert cells["random_real"][precision] == "–"  # the score stage does not judge a real subset
+
+
+def test_label_agreement_has_a_column_only_when_a_set_has_it():
+    from factory.report import metrics_view
+
+    row = {"precision": 0.9, "coverage": 0.95, "fd": 0.1, "num_images": 10}
+    keys = lambda view: [h["key"] for h in view["headers"]]
+    assert "label_agreement" not in keys(metrics_view({"cfg": row}))  # a metrics.json from before the metric
+    view = metrics_view({"cfg": {**row, "label_agreement": 0.604}, "real": row})
+    cells = {r["name"]: [c["text"] for c in r["cells"]] for r in view["rows"]}
+    i = keys(view).index("label_agreement")
+    assert cells["cfg"][i] == "0.604" and cells["real"][i] == "–"
+    assert any("k nearest real test images" in item["text"] for item in view["legend"])

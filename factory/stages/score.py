@@ -9,7 +9,8 @@ more task computes pooled PRDC on the subsamples. The views, as metrics.json sta
 
 - ``precision`` … ``coverage``, ``f1_pc``: pooled PRDC of at most ``eval.pool`` synthetic images (a seeded
   subsample, dgm-eval's 10,000) against at most as many test images; all of them when the sets are smaller,
-  which keeps the quickstart's numbers what they were;
+  which keeps the quickstart's numbers what they were; ``label_agreement`` on the same pools: the share of
+  synthetic images whose k nearest test images vote for the image's own class;
 - ``fd``: Fréchet distance from moments streamed over every image; ``hardness_mean``: over every image;
 - ``per_class``: PRDC / F1 per class on all of that class's images (k capped by the class's size).
 
@@ -62,7 +63,7 @@ def score_chunk(output: str, storage_options, name: str, labels: list[int], k: i
     per_class, fake_m, test_m = {}, None, None
     h_sum = h_n = 0.0
     th_sum = th_sq = th_n = 0.0
-    fake_pool, test_pool = [], []
+    fake_pool, test_pool, fake_lab, test_lab = [], [], [], []
     for c in labels:
         train = bank.features("train", c)
         test = bank.features("test", c)
@@ -91,16 +92,21 @@ def score_chunk(output: str, storage_options, name: str, labels: list[int], k: i
         per_class[c] = row
         fake_pool.append(fake[torch.from_numpy(_keep(len(fake), p_fake, seed, c, salt))])
         test_pool.append(test[torch.from_numpy(_keep(len(test), p_test, seed, c, 1))])
+        fake_lab.append(torch.full((len(fake_pool[-1]),), c, dtype=torch.long))
+        test_lab.append(torch.full((len(test_pool[-1]),), c, dtype=torch.long))
     return {"per_class": per_class, "fake_moments": fake_m, "test_moments": test_m,
             "hardness": (h_sum, h_n), "test_hardness": (th_sum, th_sq, th_n),
-            "fake_pool": torch.cat(fake_pool), "test_pool": torch.cat(test_pool)}
+            "fake_pool": (torch.cat(fake_pool), torch.cat(fake_lab)),
+            "test_pool": (torch.cat(test_pool), torch.cat(test_lab))}
 
 
 def pooled_prdc(test_pool, fake_pool, k: int) -> dict:
+    """PRDC, F1 and label agreement on the pools: (features, labels) each."""
     from factory import metrics
 
-    m = metrics.prdc(test_pool, fake_pool, k=k)
+    m = metrics.prdc(test_pool[0], fake_pool[0], k=k)
     m["f1_pc"] = metrics.f1(m["precision"], m["coverage"])
+    m["label_agreement"] = metrics.label_agreement(test_pool[0], test_pool[1], fake_pool[0], fake_pool[1], k=k)
     return m
 
 
@@ -142,8 +148,9 @@ def score_sets(cfg, output: str, sets: dict[str, int], labels: list[int], class_
             bar.update(1)
         import torch
 
-        fake_pool, test_pool = torch.cat(fake_pool), torch.cat(test_pool)
-        k = min(cfg.eval.k, len(fake_pool) - 1, len(test_pool) - 1)
+        fake_pool = tuple(torch.cat(part) for part in zip(*fake_pool))
+        test_pool = tuple(torch.cat(part) for part in zip(*test_pool))
+        k = min(cfg.eval.k, len(fake_pool[0]) - 1, len(test_pool[0]) - 1)
         m = ray.get(pooled.remote(test_pool, fake_pool, k))
         m["fd"] = metrics.frechet_from_moments(*test_m.mean_cov(), *fake_m.mean_cov())
         m["hardness_mean"] = h[0] / h[1] if h[1] else float("nan")
@@ -155,7 +162,8 @@ def score_sets(cfg, output: str, sets: dict[str, int], labels: list[int], class_
         m["per_class"] = {class_names[c]: {key: v for key, v in per_class[c].items() if key != "num_images"}
                           for c in labels}
         m["views"] = {"pooled": f"PRDC / F1 on a seeded subsample of at most {POOL} images per side "
-                                f"({len(fake_pool)} synthetic, {len(test_pool)} test here), k = {k}",
+                                f"({len(fake_pool[0])} synthetic, {len(test_pool[0])} test here), k = {k}; "
+                                f"label_agreement: the k-NN vote of those test images",
                       "fd": f"moments over all {fake_m.n} images vs all {test_m.n} test images",
                       "per_class": "PRDC / F1 per class on all of its images, k = min(eval.k, class size - 1)"}
         out[name] = m

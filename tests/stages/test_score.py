@@ -47,7 +47,8 @@ def test_streamed_metrics_equal_the_in_memory_ones(scored):
                                  torch.cat([torch.full((40,), c) for c in LABELS])),
                                 ("real", train, train_labels)):
         want = metrics.summary(test, test_labels, feats, labels, gauss, k=3)
-        for key in ("precision", "recall", "density", "coverage", "f1_pc", "real_hardness_mean", "real_hardness_std"):
+        for key in ("precision", "recall", "density", "coverage", "f1_pc", "label_agreement", "real_hardness_mean",
+                    "real_hardness_std"):
             assert got[name][key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), (name, key)
         assert got[name]["fd"] == pytest.approx(want["fd"], rel=1e-6)
         assert got[name]["hardness_mean"] == pytest.approx(want["hardness_mean"], rel=1e-9)
