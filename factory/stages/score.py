@@ -162,8 +162,8 @@ def score_sets(cfg, output: str, sets: dict[str, int], labels: list[int], class_
         m["per_class"] = {class_names[c]: {key: v for key, v in per_class[c].items() if key != "num_images"}
                           for c in labels}
         m["views"] = {"pooled": f"PRDC / F1 on a seeded subsample of at most {POOL} images per side "
-                                f"({len(fake_pool[0])} synthetic, {len(test_pool[0])} test here), k = {k}; "
-                                f"label_agreement: the k-NN vote of those test images",
+                                f"({len(fake_pool[0])} synthetic, {len(test_pool[0])} test here), k = {k}",
+                      "label_agreement": f"the vote of each pooled synthetic image's {k} nearest pooled test images",
                       "fd": f"moments over all {fake_m.n} images vs all {test_m.n} test images",
                       "per_class": "PRDC / F1 per class on all of its images, k = min(eval.k, class size - 1)"}
         out[name] = m

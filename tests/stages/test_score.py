@@ -63,6 +63,7 @@ def test_per_class_view_is_prdc_on_each_class(scored):
         assert row["k"] == 3 and row["coverage"] == pytest.approx(want["coverage"], abs=1e-6)
         assert row["f1_pc"] == pytest.approx(metrics.f1(want["precision"], want["coverage"]), abs=1e-6)
     assert "subsample" in got["x"]["views"]["pooled"] and "all 120" in got["x"]["views"]["fd"]
+    assert "3 nearest pooled test images" in got["x"]["views"]["label_agreement"]
 
 
 def test_pooled_view_subsamples_large_sets_deterministically(scored, monkeypatch):
