@@ -120,8 +120,7 @@ def label_agreement(real, real_labels, fake, fake_labels, k: int = 5, chunk: int
     fake_labels = torch.as_tensor(fake_labels).to(real.device).long()
     if len(fake) == 0:
         return float("nan")
-    d2, idx = _knn_sq(fake, real, k, chunk)
-    votes = real_labels[idx]  # (M, k), nearest first
+    votes = real_labels[_knn_sq(fake, real, k, chunk)[1]]  # (M, k), nearest first
     same = votes[:, :, None] == votes[:, None, :]
     counts = same.sum(2)  # how many of the k votes agree with each vote
     # plurality; among tied classes the one with the nearest vote: the first position holding the maximum count
