@@ -312,7 +312,8 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(50, ge=1)  # steps between Ray Train checkpoints (resume points)
 
 
-TUNE_OBJECTIVES = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "downstream": "max"}  # -> mode
+TUNE_OBJECTIVES = {"f1_pc": "max", "coverage": "max", "precision": "max", "fd": "min", "label_agreement": "max",
+                   "downstream": "max"}  # -> mode
 
 
 class PilotConfig(Section):
@@ -337,7 +338,7 @@ class TuneConfig(Section):
     range: list[Float] | None = None  # [low, high]
     trials: int = Field(5, ge=2)  # points of range, ends included
     log: bool = True  # geometric spacing of range
-    objective: Literal["f1_pc", "coverage", "precision", "fd", "downstream"] = "f1_pc"
+    objective: Literal["f1_pc", "coverage", "precision", "fd", "label_agreement", "downstream"] = "f1_pc"
     pilot: PilotConfig = Field(default_factory=PilotConfig)
 
     @model_validator(mode="after")

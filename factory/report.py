@@ -357,7 +357,8 @@ def tuning_view(tuning: dict | None) -> list[dict]:
     """The tune stage's trial table per tuned recipe (run.json ``tuning``)."""
     out = []
     for recipe, t in (tuning or {}).items():
-        headers = [k for k in ("precision", "recall", "coverage", "f1_pc", "fd", "downstream", "seconds")
+        headers = [k for k in ("precision", "recall", "coverage", "f1_pc", "label_agreement", "fd", "downstream",
+                                   "seconds")
                    if any(k in row for row in t["trials"])]
         pilot = t["pilot"]
         out.append({"recipe": recipe, "param": t["param"], "chosen": t["chosen"], "written": t["written"],

@@ -38,7 +38,7 @@ from factory.stages import marker
 
 LOG = logging.getLogger("factory.tune")
 FOLDER = "_tune"
-COLUMNS = ("precision", "recall", "coverage", "f1_pc", "fd", "downstream")
+COLUMNS = ("precision", "recall", "coverage", "f1_pc", "label_agreement", "fd", "downstream")
 
 
 def _digest(data) -> str:

@@ -56,6 +56,7 @@ def test_the_run_samples_with_the_value_its_pilot_chose(tuned_run):
     for i, row in enumerate(t["trials"]):
         metrics = json.load(open(f"{out}/_tune/chamfer/{i}/metrics.json"))
         assert metrics["f1_pc"] == row["f1_pc"] and 0 <= metrics["coverage"] <= 1
+        assert metrics["label_agreement"] == row["label_agreement"] and 0 <= row["label_agreement"] <= 1
         assert len(os.listdir(f"{out}/_tune/chamfer/{i}/chamfer/parquet")) == 2  # 2 pilot classes, 1 shard each
     # a huge step and a tiny one make different sets: the trials are real runs, not one result twice
     assert t["trials"][0]["fd"] != t["trials"][1]["fd"]
