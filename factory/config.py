@@ -568,26 +568,43 @@ def _message(err: dict) -> str:
     return f"{path}: {err['msg']}"
 
 
+def _index(node: list, key: str, dotted: str) -> int:
+    try:
+        i = int(key)
+    except ValueError:
+        raise ConfigError(f"--set {dotted}: {key!r} is not an index (that part of the config is a list)") from None
+    if not -len(node) <= i < len(node):
+        raise ConfigError(f"--set {dotted}: index {i} is out of range (the list there has {len(node)} items)")
+    return i
+
+
 def _set_dotted(data: dict, dotted: str, value, keys: list[str] | None = None) -> None:
-    """Set ``dotted`` (``a.b.c``) in ``data``; a ``*`` stands for every key of the mapping there, as in
-    ``recipes.*.images_per_class=50`` (every recipe of a low-IPC job at once)."""
+    """Set ``dotted`` (``a.b.c``) in ``data``; a number indexes a list (``recipes.x.energies.0.weight``), a ``*``
+    stands for every key of the mapping (or item of the list) there, as in ``recipes.*.images_per_class=50``.
+    Every mapping and list on the path is copied before it is changed: YAML anchors (``<<: *chamfer``) share
+    them between recipes, and an override of one recipe must not reach another (nor the caller's data)."""
     keys = dotted.split(".") if keys is None else keys
     node = data
     for i, k in enumerate(keys[:-1]):
         if k == "*":
-            if not node:
-                raise ConfigError(f"--set {dotted}: '*' matches nothing (an empty mapping)")
-            for name, child in node.items():
-                if not isinstance(child, dict):
+            children = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+            if not children:
+                raise ConfigError(f"--set {dotted}: '*' matches nothing (an empty {type(node).__name__})")
+            for name, child in children:
+                if not isinstance(child, (dict, list)):
                     raise ConfigError(f"--set {dotted}: {name!r} is not a mapping")
-                _set_dotted(child, dotted, value, keys[i + 1:])
+                node[name] = copy = dict(child) if isinstance(child, dict) else list(child)
+                _set_dotted(copy, dotted, value, keys[i + 1:])
             return
-        if not isinstance(node.get(k), dict):
-            node[k] = {} if node.get(k) is None else node[k]
-            if not isinstance(node[k], dict):
-                raise ConfigError(f"--set {dotted}: {k!r} is not a mapping")
-        node = node[k]
-    node[keys[-1]] = value
+        if isinstance(node, list):
+            k = _index(node, k, dotted)
+        elif node.get(k) is None:
+            node[k] = {}
+        child = node[k]
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"--set {dotted}: {keys[i]!r} is not a mapping")
+        node[k] = node = dict(child) if isinstance(child, dict) else list(child)
+    node[_index(node, keys[-1], dotted) if isinstance(node, list) else keys[-1]] = value
 
 
 def parse_overrides(items: list[str] | None) -> list[tuple[str, object]]:

@@ -2,6 +2,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import yaml
 
 from factory.config import (
     ChamferParams, ConfigError, LowDensityParams, OTParams, SoftLabelsConfig, from_dict, load_config, parse_overrides,
@@ -173,6 +174,15 @@ def test_param_defaults_are_the_guidance_modules_defaults():
     assert OTParams().K == inspect.signature(guidance.OTEnergy.from_features).parameters["K"].default
 
 
+ANCHORED = """
+recipes:
+  a: &a
+    cfg_scale: 1.0
+    energies: [{name: chamfer, weight: 0.1, every: 1, params: {k: 8}}]
+  b: *a
+"""
+
+
 def test_a_star_in_an_override_sets_every_recipe():
     job = load_config(Path(__file__).parents[1] / "jobs" / "digits_ipc.yaml", ["recipes.*.images_per_class=50"])
     assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 10
@@ -180,3 +190,18 @@ def test_a_star_in_an_override_sets_every_recipe():
         from_dict({"recipes": {}}, parse_overrides(["recipes.*.x=1"]))
     with pytest.raises(ConfigError, match="'name' is not a mapping"):
         from_dict({"name": "x"}, parse_overrides(["*.steps=1"]))
+
+
+def test_an_override_indexes_lists_and_reaches_one_recipe_only():
+    data = yaml.safe_load(ANCHORED)
+    job = from_dict(data, parse_overrides(["recipes.a.energies.0.params.k=50"]))
+    assert job.recipes["a"].energies[0].params.k == 50
+    assert job.recipes["b"].energies[0].params.k == 8  # b shares a's list through the anchor in the YAML
+    assert data["recipes"]["a"]["energies"][0]["params"]["k"] == 8  # the caller's data is left as it was
+    both = from_dict(data, parse_overrides(["recipes.*.energies.*.weight=0.5", "recipes.b.energies.-1.every=3"]))
+    assert [r.energies[0].weight for r in both.recipes.values()] == [0.5, 0.5]
+    assert (both.recipes["a"].energies[0].every, both.recipes["b"].energies[0].every) == (1, 3)
+    with pytest.raises(ConfigError, match=r"energies\.1\.weight: index 1 is out of range \(the list there has 1"):
+        from_dict(data, parse_overrides(["recipes.a.energies.1.weight=1"]))
+    with pytest.raises(ConfigError, match=r"'first' is not an index"):
+        from_dict(data, parse_overrides(["recipes.a.energies.first.weight=1"]))
