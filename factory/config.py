@@ -287,6 +287,9 @@ class SoftLabelsConfig(Section):
     beta_n: Float = Field(0.06, ge=0)
     schedule: Literal["linear", "cosine"] = "linear"
     baseline: Literal["zero", "unconditional"] = "zero"  # what the diffused label decays to
+    # where the label is softened: the paper interpolates the embedding; "output" mixes the two conditions'
+    # denoiser outputs (one more pass in the soft stage) and keeps the model on embeddings it was trained on
+    mix: Literal["embedding", "output"] = "embedding"
 
     @model_validator(mode="after")
     def _stages(self):

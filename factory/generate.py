@@ -271,19 +271,25 @@ class SyntheticProducer:
     def _soft_label_condition(self, soft_labels, labels: torch.Tensor, generator: torch.Generator, backbone=None):
         """DMGD's dynamic soft labels: the conditioning of step i of n (paper 003, three stages)."""
         from factory import guidance
+        from factory.sampler import MixedCondition
 
         backbone = backbone or self.backbone
         table = backbone.condition(torch.arange(backbone.num_classes))
         others = guidance.pick_other_class(labels, backbone.num_classes, generator)
         f_y, f_other = backbone.condition(labels), backbone.condition(others)
         std = guidance.embedding_noise_std(table)
-        params = soft_labels.model_dump(exclude={"baseline"})
+        params = soft_labels.model_dump(exclude={"baseline", "mix"})
         base = backbone.null_condition(len(labels)) if soft_labels.baseline == "unconditional" else None
 
-        def condition(i: int, n: int) -> torch.Tensor:
+        def condition(i: int, n: int):
             # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n
-            return guidance.soft_label_embedding(1.0 - i / n, f_y, f_other, generator, noise_std=std,
-                                                 baseline=base, **params)
+            r, decayed = guidance.soft_label_parts(1.0 - i / n, f_y, f_other, generator, noise_std=std,
+                                                   baseline=base, **params)
+            if decayed is None:
+                return f_y
+            if soft_labels.mix == "embedding":
+                return r * f_y + (1.0 - r) * decayed
+            return decayed if r == 0.0 else MixedCondition((f_y, decayed), (r, 1.0 - r))
 
         return condition
 

@@ -37,6 +37,16 @@ class Backbone(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # pixels in [-1, 1] -> model space
 
 
+@dataclass(frozen=True)
+class MixedCondition:
+    """Conditions whose denoiser outputs are averaged with ``weights`` (summing to 1) before CFG: a label
+    softened in the model's predictions instead of in its embedding (DMGD's ``soft_labels.mix: output``).
+    All conditions go through one batched pass with the unconditional one."""
+
+    conds: tuple[torch.Tensor, ...]
+    weights: tuple[float, ...]
+
+
 @dataclass
 class Guidance:
     """An energy with its strength and schedule. ``energy(features, frozen) -> scalar``, lower is better."""
@@ -164,7 +174,13 @@ def _terms(g: Guidance, feats: torch.Tensor, frozen) -> list[tuple[str, float, t
 
 
 def predict_cfg(backbone: Backbone, x_in: torch.Tensor, t, cond, null, cfg_scale: float) -> torch.Tensor:
-    """The denoiser's output with classifier-free guidance (``null`` None: one conditional pass)."""
+    """The denoiser's output with classifier-free guidance (``null`` None: one conditional pass); a
+    :class:`MixedCondition`'s conditional output is the weighted mean of its conditions' outputs."""
+    if isinstance(cond, MixedCondition):
+        parts = [*cond.conds] + ([] if null is None else [null])
+        outs = backbone.predict(torch.cat([x_in] * len(parts)), t, torch.cat(parts)).chunk(len(parts))
+        c = sum(w * o for w, o in zip(cond.weights, outs))
+        return c if null is None else outs[-1] + cfg_scale * (c - outs[-1])
     if null is None:
         return backbone.predict(x_in, t, cond)
     c, u = backbone.predict(torch.cat([x_in, x_in]), t, torch.cat([cond, null])).chunk(2)

@@ -70,6 +70,20 @@ def test_guidance_changes_the_samples(model_dir):
     assert not torch.equal(plain, guided)
 
 
+def test_soft_labels_mixed_in_the_outputs_change_only_the_soft_stage(model_dir):
+    """mix: output differs from the paper's embedding interpolation exactly when some step is in the soft stage
+    (4 steps: t_frac 1, 0.75, 0.5, 0.25; explore_from 1 and refine_until 0.8 leave none there)."""
+    def shard_of(**soft):
+        cfg = _cfg(model_dir, {"dmgd": {"images_per_class": 6, "cfg_scale": 4.0,
+                                        "soft_labels": {"baseline": "unconditional", **soft}}})
+        return SyntheticProducer(cfg).sample_shard(build_plan(cfg, load_real("digits", "train")).shard(0))
+
+    assert torch.equal(shard_of(explore_from=1.0, refine_until=0.8),
+                       shard_of(explore_from=1.0, refine_until=0.8, mix="output"))
+    embedding, output = shard_of(), shard_of(mix="output")
+    assert torch.isfinite(output).all() and not torch.equal(embedding, output)
+
+
 def test_progressive_shards_are_independent_of_order_and_resume(model_dir):
     cfg = _cfg(model_dir, {"dmgd": RECIPES["dmgd"]})
     plan = build_plan(cfg, load_real("digits", "train"))

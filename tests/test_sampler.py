@@ -4,7 +4,7 @@ from diffusers import DDIMScheduler
 
 from factory.backbones import TinyBackbone
 from factory.embedded import build_unet, scheduler_config, tiny_unet_config
-from factory.sampler import Guidance, normalize_grad, sample
+from factory.sampler import Guidance, MixedCondition, normalize_grad, predict_cfg, sample
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,22 @@ def test_guidance_off_is_plain_sampling_bit_for_bit(backbone):
     again = sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(7), 6, cfg_scale=2.5,
                    guidance=[idle], features=lambda x: x.flatten(1)).images
     assert torch.equal(again, ref)
+
+
+def test_a_mixed_condition_is_the_weighted_mean_of_its_conditions_outputs_under_cfg(backbone):
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    a, b, null = backbone.condition(torch.tensor([1, 4, 4])), backbone.condition(torch.tensor([7, 0, 2])), \
+        backbone.null_condition(3)
+    with torch.no_grad():
+        pa, pb, u = (backbone.predict(x, t, c) for c in (a, b, null))
+        for scale, nul in ((3.0, null), (1.0, None)):
+            got = predict_cfg(backbone, x, t, MixedCondition((a, b), (0.3, 0.7)), nul, scale)
+            mixed = 0.3 * pa + 0.7 * pb
+            want = mixed if nul is None else u + scale * (mixed - u)
+            assert torch.allclose(got, want, atol=1e-5)
+        only_a = predict_cfg(backbone, x, t, MixedCondition((a, b), (1.0, 0.0)), null, 3.0)
+        assert torch.allclose(only_a, predict_cfg(backbone, x, t, a, null, 3.0), atol=1e-5)
+        assert not torch.allclose(only_a, predict_cfg(backbone, x, t, b, null, 3.0), atol=1e-3)
 
 
 def test_cfg_free_skips_the_unconditional_pass(backbone):

@@ -42,6 +42,7 @@ from .softlabel import (
     sigma_t,
     soft_label_embedding,
     soft_label_mean,
+    soft_label_parts,
     stage,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "normalized_combination",
     "soft_label_embedding",
     "soft_label_mean",
+    "soft_label_parts",
     "pick_other_class",
     "sigma_t",
     "stage",

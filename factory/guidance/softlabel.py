@@ -5,6 +5,11 @@ diffusion ``sqrt(sigma_t) f(y) + (1 - sqrt(sigma_t)) (beta_s f(y*) + beta_n n)``
 y*, then the pure class embedding (``t_frac <= refine_until``); ``t_frac = t / T``, 1 = pure noise. Works on
 any embedding shape; all randomness comes from the given generator. sigma_t's schedule, the exploration
 condition and the noise's anisotropy (the paper leaves them open) are in docs/methods.md.
+
+Where the label is softened is open too. The paper interpolates the embedding; :func:`soft_label_parts` gives the
+two ends (r, the decayed label) so that a sampler can instead mix the two conditions' *outputs* with weights r and
+1 - r. On the Fashion-MNIST UNet (a learned class-embedding table) the interpolated embeddings are ones it never
+saw in training and, amplified by CFG, cost the images their class; mixing outputs keeps it (docs/science.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ __all__ = [
     "stage",
     "sigma_t",
     "soft_label_embedding",
+    "soft_label_parts",
     "soft_label_mean",
     "pick_other_class",
     "embedding_noise_std",
@@ -107,6 +113,44 @@ def soft_label_mean(
     return r * class_embedding + (1.0 - r) * beta_s * other
 
 
+def soft_label_parts(
+    t_frac: float,
+    class_embedding: Tensor,
+    other_class_embedding: Tensor,
+    generator: Optional[torch.Generator],
+    *,
+    explore_from: float = EXPLORE_FROM,
+    refine_until: float = REFINE_UNTIL,
+    beta_s: float = BETA_S,
+    beta_n: float = BETA_N,
+    schedule: Schedule = "linear",
+    noise_std: Union[None, float, Tensor] = None,
+    baseline: Optional[Tensor] = None,
+) -> tuple[float, Optional[Tensor]]:
+    """``(r, decayed)``: the weight ``r = sqrt(sigma_t)`` of the class's own embedding and the label it decays
+    to, ``baseline + beta_s f(y*) + beta_n n`` (``None`` in the refinement stage, where ``r = 1`` and the
+    generator is not consumed). :func:`soft_label_embedding` is ``r f(y) + (1 - r) decayed``; a sampler that
+    softens the label in its predictions instead mixes the two conditions' outputs with weights r and 1 - r."""
+    r = math.sqrt(sigma_t(t_frac, explore_from, refine_until, schedule))
+    if r == 1.0:
+        return 1.0, None
+    if generator is None:
+        raise ValueError("a torch.Generator is required outside the refinement stage")
+    f = class_embedding
+    other = other_class_embedding.to(device=f.device, dtype=f.dtype).expand_as(f)
+    if noise_std is None:
+        std = _default_noise_std(f, other)
+    elif isinstance(noise_std, Tensor):
+        std = noise_std.to(device=f.device, dtype=f.dtype)
+    else:
+        std = torch.full((), float(noise_std), device=f.device, dtype=f.dtype)
+    gen_dtype = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype
+    n = torch.randn(f.shape, generator=generator, device=generator.device, dtype=gen_dtype)
+    n = n.to(device=f.device, dtype=f.dtype) * std
+    base = 0.0 if baseline is None else baseline.to(device=f.device, dtype=f.dtype).expand_as(f)
+    return r, base + beta_s * other + beta_n * n
+
+
 def soft_label_embedding(
     t_frac: float,
     class_embedding: Tensor,
@@ -139,24 +183,10 @@ def soft_label_embedding(
     and device.  The caller picks y* (once per sample or per step -- the paper
     says "a randomly selected label from another class").
     """
-    r = math.sqrt(sigma_t(t_frac, explore_from, refine_until, schedule))
-    if r == 1.0:
-        return class_embedding
-    if generator is None:
-        raise ValueError("a torch.Generator is required outside the refinement stage")
-    f = class_embedding
-    other = other_class_embedding.to(device=f.device, dtype=f.dtype).expand_as(f)
-    if noise_std is None:
-        std = _default_noise_std(f, other)
-    elif isinstance(noise_std, Tensor):
-        std = noise_std.to(device=f.device, dtype=f.dtype)
-    else:
-        std = torch.full((), float(noise_std), device=f.device, dtype=f.dtype)
-    gen_dtype = torch.float32 if f.dtype in (torch.float16, torch.bfloat16) else f.dtype
-    n = torch.randn(f.shape, generator=generator, device=generator.device, dtype=gen_dtype)
-    n = n.to(device=f.device, dtype=f.dtype) * std
-    base = 0.0 if baseline is None else baseline.to(device=f.device, dtype=f.dtype).expand_as(f)
-    return r * f + (1.0 - r) * (base + beta_s * other + beta_n * n)
+    r, decayed = soft_label_parts(t_frac, class_embedding, other_class_embedding, generator,
+                                  explore_from=explore_from, refine_until=refine_until, beta_s=beta_s,
+                                  beta_n=beta_n, schedule=schedule, noise_std=noise_std, baseline=baseline)
+    return class_embedding if decayed is None else r * class_embedding + (1.0 - r) * decayed
 
 
 def pick_other_class(

@@ -13,6 +13,7 @@ from factory.guidance.softlabel import (
     sigma_t,
     soft_label_embedding,
     soft_label_mean,
+    soft_label_parts,
     stage,
 )
 
@@ -75,6 +76,18 @@ def test_unconditional_baseline_is_what_the_label_decays_to():
     soft = soft_label_embedding(mid, f, fo, torch.Generator().manual_seed(1), noise_std=0.0, baseline=null)
     assert torch.allclose(soft, r * f + (1 - r) * (null + BETA_S * fo))
     assert soft_label_embedding(0.1, f, fo, None, baseline=null) is f
+
+
+def test_parts_are_the_weight_and_the_decayed_label_of_the_embedding():
+    f, fo, null = _emb((3, 16), 4), _emb((3, 16), 5), _emb((16,), 6)
+    for t in (0.95, 0.8, 0.6):
+        r, decayed = soft_label_parts(t, f, fo, torch.Generator().manual_seed(2), baseline=null)
+        assert r == math.sqrt(sigma_t(t))
+        assert torch.equal(soft_label_embedding(t, f, fo, torch.Generator().manual_seed(2), baseline=null),
+                           r * f + (1 - r) * decayed)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    assert soft_label_parts(0.2, f, fo, g) == (1.0, None) and torch.equal(g.get_state(), state)
 
 
 def test_deterministic_under_seed_and_custom_noise_std():
