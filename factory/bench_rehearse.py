@@ -2,7 +2,8 @@
 
 Runs ``factory run JOB --rehearse`` (every stage, the job's full shape, tiny models) once per images-per-class
 value as a subprocess, samples every 0.5 s the resident memory of the driver (the subprocess) and of each
-Ray worker process (``ray::`` in its command line), and prints one JSON line: per size, each stage's wall
+Ray worker process it started (``ray::`` in its command line, among the driver's descendants: another run's
+workers on the machine are not counted), and prints one JSON line: per size, each stage's wall
 time (run.json), the driver's peak RSS and the largest actor's peak RSS, and the ratio of the driver peaks
 between the sizes (the scale target: within 1.15x while the shard count stays the same).
 """
@@ -28,10 +29,16 @@ def _watch(proc: subprocess.Popen, period: float = 0.5) -> dict:
             peak_driver = max(peak_driver, driver.memory_info().rss)
         except psutil.Error:
             pass
-        for p in psutil.process_iter(["cmdline", "memory_info"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if cmd.startswith("ray::") and p.info["memory_info"] is not None:
-                peak_actor = max(peak_actor, p.info["memory_info"].rss)
+        try:  # the run's own local Ray: its raylet's workers descend from the driver; another run's do not
+            workers = driver.children(recursive=True)
+        except psutil.Error:
+            workers = []
+        for p in workers:
+            try:
+                if " ".join(p.cmdline()).startswith("ray::"):
+                    peak_actor = max(peak_actor, p.memory_info().rss)
+            except psutil.Error:
+                pass
         time.sleep(period)
     return {"driver_peak_rss_mb": round(peak_driver / 2**20, 1), "actor_peak_rss_mb": round(peak_actor / 2**20, 1)}
 
