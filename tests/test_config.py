@@ -167,7 +167,7 @@ def test_param_defaults_are_the_guidance_modules_defaults():
     for fn, model, n in [(guidance.ChamferEnergy.__init__, ChamferParams, 3),
                          (guidance.OTEnergy.__init__, OTParams, 6),
                          (guidance.LowDensityEnergy.__init__, LowDensityParams, 4),
-                         (softlabel.soft_label_embedding, SoftLabelsConfig, 5)]:
+                         (softlabel.soft_label_parts, SoftLabelsConfig, 5)]:
         given, ours = defaults(fn, model)
         assert len(given) == n and all(ours[k] == v for k, v in given.items()), (model, given, ours)
     assert ChamferParams().k == inspect.signature(guidance.ChamferEnergy.from_features).parameters["k"].default

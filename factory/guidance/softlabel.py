@@ -156,16 +156,10 @@ def soft_label_embedding(
     class_embedding: Tensor,
     other_class_embedding: Tensor,
     generator: Optional[torch.Generator],
-    *,
-    explore_from: float = EXPLORE_FROM,
-    refine_until: float = REFINE_UNTIL,
-    beta_s: float = BETA_S,
-    beta_n: float = BETA_N,
-    schedule: Schedule = "linear",
-    noise_std: Union[None, float, Tensor] = None,
-    baseline: Optional[Tensor] = None,
+    **options,
 ) -> Tensor:
-    """Conditioning embedding for the current step (paper 003, dynamic soft label).
+    """Conditioning embedding for the current step (paper 003, dynamic soft label); ``options`` are
+    :func:`soft_label_parts`' keywords (the stage boundaries, beta_s, beta_n, schedule, noise_std, baseline).
 
     ``baseline`` (ours, default none = the zero vector): the embedding that the diffused label decays
     to, ``f~ = r f(y) + (1 - r) (baseline + beta_s f(y*) + beta_n n)``. Passing the model's learned
@@ -183,9 +177,7 @@ def soft_label_embedding(
     and device.  The caller picks y* (once per sample or per step -- the paper
     says "a randomly selected label from another class").
     """
-    r, decayed = soft_label_parts(t_frac, class_embedding, other_class_embedding, generator,
-                                  explore_from=explore_from, refine_until=refine_until, beta_s=beta_s,
-                                  beta_n=beta_n, schedule=schedule, noise_std=noise_std, baseline=baseline)
+    r, decayed = soft_label_parts(t_frac, class_embedding, other_class_embedding, generator, **options)
     return class_embedding if decayed is None else r * class_embedding + (1.0 - r) * decayed
 
 
