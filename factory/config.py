@@ -341,7 +341,7 @@ class TuneConfig(Section):
     range: list[Float] | None = None  # [low, high]
     trials: int = Field(5, ge=2)  # points of range, ends included
     log: bool = True  # geometric spacing of range
-    objective: Literal["f1_pc", "coverage", "precision", "fd", "label_agreement", "downstream"] = "f1_pc"
+    objective: Literal[tuple(TUNE_OBJECTIVES)] = "f1_pc"  # one of TUNE_OBJECTIVES' keys
     pilot: PilotConfig = Field(default_factory=PilotConfig)
 
     @model_validator(mode="after")

@@ -22,7 +22,7 @@ from factory.config import Config, EnergyConfig, from_dict
 from factory.data import load_real, to_uint8
 from factory.plan import Shard, shard_seed
 from factory.shards import encode_images
-from factory.sampler import Guidance, sample
+from factory.sampler import Guidance, MixedCondition, sample
 
 
 def build_backbone(cfg: Config, train, lora: str | None = None):
@@ -271,7 +271,6 @@ class SyntheticProducer:
     def _soft_label_condition(self, soft_labels, labels: torch.Tensor, generator: torch.Generator, backbone=None):
         """DMGD's dynamic soft labels: the conditioning of step i of n (paper 003, three stages)."""
         from factory import guidance
-        from factory.sampler import MixedCondition
 
         backbone = backbone or self.backbone
         table = backbone.condition(torch.arange(backbone.num_classes))
@@ -283,12 +282,13 @@ class SyntheticProducer:
 
         def condition(i: int, n: int):
             # the paper's t counts down from T (noise) to 0: t_frac = 1 - i / n
+            if soft_labels.mix == "embedding":
+                return guidance.soft_label_embedding(1.0 - i / n, f_y, f_other, generator, noise_std=std,
+                                                     baseline=base, **params)
             r, decayed = guidance.soft_label_parts(1.0 - i / n, f_y, f_other, generator, noise_std=std,
                                                    baseline=base, **params)
             if decayed is None:
                 return f_y
-            if soft_labels.mix == "embedding":
-                return r * f_y + (1.0 - r) * decayed
             return decayed if r == 0.0 else MixedCondition((f_y, decayed), (r, 1.0 - r))
 
         return condition
