@@ -321,12 +321,13 @@ class SyntheticProducer:
         probe = [dataclasses.replace(g, every=1, window=(0.0, 1.0)) for g in (guidance or [])]
         peaks = []
         for b in (1, 2):
+            labels = torch.full((b,), shard.label, dtype=torch.long)
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            sample(backbone, backbone.scheduler, torch.full((b,), shard.label, dtype=torch.long),
-                   torch.Generator().manual_seed(0), 1, cfg_scale=recipe.cfg_scale, guidance=probe,
-                   features=self.features if probe else None, grad_through=recipe.grad_through)
+            sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(0), 1,
+                   cfg_scale=recipe.cfg_scale, guidance=probe, features=self.features if probe else None,
+                   condition=self._widest_condition(recipe, labels, backbone), grad_through=recipe.grad_through)
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device))
         share = min(1.0, self.cfg.executor.num_gpus) if self.cfg.executor.num_gpus > 0 else 1.0
@@ -335,6 +336,15 @@ class SyntheticProducer:
         fit = int((budget - (peaks[0] - per_image)) // per_image)
         fit -= fit % 8 if fit >= 8 else 0  # tensor-core friendly
         return max(1, min(fit, cap))
+
+    @staticmethod
+    def _widest_condition(recipe, labels: torch.Tensor, backbone):
+        """The conditioning whose denoiser pass is the widest the recipe will run: soft labels mixed in the
+        outputs batch two conditions with the unconditional one, so the memory probe must too."""
+        if recipe.soft_labels is None or recipe.soft_labels.mix != "output":
+            return None
+        f = backbone.condition(labels)
+        return lambda i, n: MixedCondition((f, f), (0.5, 0.5))
 
     def sample_shard(self, shard: Shard) -> torch.Tensor:
         recipe = self.cfg.recipes[shard.recipe]

@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler
 from factory.config import from_dict
 from factory.embedded import FeatureCNN, build_unet, scheduler_config, tiny_unet_config
 from factory.generate import SyntheticProducer, encoder
+from factory.sampler import sample
 from factory.run import build_plan
 from factory.data import load_real
 
@@ -134,3 +135,21 @@ def test_sampling_batch_size_splits_a_shard_and_auto_is_the_whole_shard_on_a_cpu
     got = finish(one(shard))
     assert len(got) == shard.num_images and got == finish(two(shard))  # 4 + 2, the same bytes every time
     assert got != want  # Chamfer's coverage couples a batch: two calls guide differently from one
+
+
+def test_the_memory_probe_runs_as_wide_a_pass_as_an_output_mixed_soft_label(model_dir):
+    """batch_size: auto measures one step; with soft labels mixed in the outputs the denoiser sees 3 conditions a
+    step, not CFG's 2, so the probe must batch as many or the fitted batch overshoots the GPU."""
+    labels = torch.tensor([2, 2])
+    widths = {}
+    for mix in ("embedding", "output"):
+        cfg = _cfg(model_dir, {"dmgd": {"images_per_class": 6, "cfg_scale": 4.0, "soft_labels": {"mix": mix}}})
+        producer = SyntheticProducer(cfg)
+        backbone, calls = producer.backbone, []
+        orig = backbone.predict
+        backbone.predict = lambda x, t, cond: calls.append(x.shape[0]) or orig(x, t, cond)
+        condition = producer._widest_condition(cfg.recipes["dmgd"], labels, backbone)
+        sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(0), 1, cfg_scale=4.0,
+               condition=condition)
+        widths[mix] = calls
+    assert widths == {"embedding": [4], "output": [6]}
