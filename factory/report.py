@@ -27,6 +27,7 @@ from factory import plots
 from factory.data import decode_image
 from factory.plan import Plan
 from factory.shards import ShardSink
+from factory.stages.tune import COLUMNS as TUNE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +358,7 @@ def tuning_view(tuning: dict | None) -> list[dict]:
     """The tune stage's trial table per tuned recipe (run.json ``tuning``)."""
     out = []
     for recipe, t in (tuning or {}).items():
-        headers = [k for k in ("precision", "recall", "coverage", "f1_pc", "label_agreement", "fd", "downstream",
-                                   "seconds")
-                   if any(k in row for row in t["trials"])]
+        headers = [k for k in (*TUNE_COLUMNS, "seconds") if any(k in row for row in t["trials"])]
         pilot = t["pilot"]
         out.append({"recipe": recipe, "param": t["param"], "chosen": t["chosen"], "written": t["written"],
                     "objective": t["objective"], "mode": t["mode"], "headers": headers,
