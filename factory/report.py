@@ -361,7 +361,7 @@ def tuning_view(tuning: dict | None) -> list[dict]:
         headers = [k for k in (*TUNE_COLUMNS, "seconds") if any(k in row for row in t["trials"])]
         pilot = t["pilot"]
         out.append({"recipe": recipe, "param": t["param"], "chosen": t["chosen"], "written": t["written"],
-                    "objective": t["objective"], "mode": t["mode"], "headers": headers,
+                    "objective": t["objective"], "mode": t["mode"], "headers": headers, "warning": t.get("warning"),
                     "pilot": f"{len(pilot['classes'])} classes × {pilot['images_per_class']} images against "
                              f"{pilot['validation_per_class']} validation images per class",
                     "rows": [{"value": row["value"], "chosen": row["value"] == t["chosen"],

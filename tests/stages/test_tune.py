@@ -62,6 +62,9 @@ def test_the_run_samples_with_the_value_its_pilot_chose(tuned_run):
     assert t["trials"][0]["fd"] != t["trials"][1]["fd"]
     page = open(f"{out}/report.html").read()
     assert 'id="tuning"' in page and "energies.0.weight = " in page
+    # 5 samples against 12 validation images a class: whether coverage saturated is said, in the record and page
+    saturated = min(row["coverage"] for row in t["trials"]) >= 0.95
+    assert ("warning" in t) == saturated and (not saturated or "coverage is saturated in the pilot" in page)
 
 
 def test_the_carve_holds_train_images_only_split_in_two_disjoint_parts(tuned_run):
@@ -123,6 +126,18 @@ def test_a_range_is_a_rounded_geometric_grid():
     assert from_dict(data).recipes["chamfer"].tune.grid() == [0.05, 0.1, 0.2, 0.4, 0.8]
     data["recipes"]["chamfer"]["tune"].update(log=False, range=[1.0, 2.0], trials=3, param="cfg_scale")
     assert from_dict(data).recipes["chamfer"].tune.grid() == [1.0, 1.5, 2.0]
+
+
+def test_a_pilot_whose_coverage_saturates_says_the_choice_cannot_rank_the_values():
+    from factory.stages.tune import saturation
+
+    rows = [{"value": v, "coverage": c, "fd": 0.3} for v, c in [(0.03, 0.987), (0.05, 0.967), (0.1, 0.967)]]
+    message = saturation(rows, "f1_pc", 20, 30)
+    assert "30 validation images a class are too few to rank 20 samples" in message
+    assert "validation_per_class" in message and ">= 0.97" in message
+    assert saturation(rows, "fd", 20, 30) is None  # FD does not saturate so
+    rows[2]["coverage"] = 0.478  # a validation split large enough tells the values apart
+    assert saturation(rows, "coverage", 200, 1000) is None
 
 
 def test_factory_plan_names_the_pilot_runs_a_tune_adds():
