@@ -32,7 +32,7 @@ from factory.plan import Plan, build_plan, resolve_labels  # noqa: F401  (the ru
 from factory.shards import ShardSink
 from factory.stages import marker
 from factory.stages.marker import STAGES
-from factory.stages.sample import ShardError, root_cause  # noqa: F401  (raised by run)
+from factory.stages.sample import ShardError, check_shard_inputs, root_cause  # noqa: F401  (raised by run)
 
 LOG = logging.getLogger("factory.run")
 SCORE = "_score/metrics.json"  # the score stage's artifact: metrics of every set, without downstream accuracies
@@ -66,6 +66,19 @@ def provenance(cfg: Config, output: str, wall: dict) -> dict:
             pass
     return {"factory": __version__, "code_revision": rev, "python": platform.python_version(),
             "packages": versions, "config": cfg.to_dict(), "output": output, "wall_seconds": wall}
+
+
+def check_resume(cfg: Config, plan: Plan, sink: ShardSink) -> None:
+    """The committed shards' inputs against this run's, before any work. A tuned recipe is checked with its recorded
+    choice when the tune stage will keep it; one whose tune re-runs is checked once the new choice is made."""
+    tuned = [r for r, c in cfg.recipes.items() if c.tune is not None]
+    if tuned:
+        from factory.stages.tune import apply, made_for
+
+        record = marker.read(sink, "tune")
+        if record and record.get("made_for") == made_for(cfg):
+            cfg, tuned = apply(cfg, record), []
+    check_shard_inputs(cfg, plan, sink, recipes=[r for r in cfg.recipes if r not in tuned])
 
 
 def references_stage(cfg: Config, output: str, plan: Plan, info, sink: ShardSink, progress: bool) -> dict:
@@ -197,6 +210,7 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
         LOG.info("pre-flight: %s", note)
     sink = ShardSink(output, cfg.output.formats)
     sink.check_writable()
+    check_resume(cfg, plan, sink)  # before run.json is rewritten: shards of another config are refused
     record = {**provenance(cfg, output, {}), "state": "running", "started": time.time(), "stages": stages,
               "plan": plan_record(plan, cfg.output.formats)}
     sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
@@ -211,6 +225,8 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
                 tuned = marker.require(sink, "tune", stages[0], "tuned parameters")
             cfg = apply(cfg, tuned)
             record["config"] = cfg.to_dict()
+            sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        check_shard_inputs(cfg, plan, sink, record="sample" in stages)  # a tune that re-ran may have moved
         if "references" in stages:
             references_stage(cfg, output, plan, info, sink, progress)
         made = 0

@@ -45,8 +45,10 @@ def test_layout_and_metrics(first_run):
     _, out = first_run
     assert sorted(os.listdir(out)) == ["_references", "_score", "_stages", "cfg", "factory.log", "metrics.json",
                                        "report.html", "run.json"]
-    stages = {f: json.load(open(f"{out}/_stages/{f}")) for f in os.listdir(f"{out}/_stages")}
+    stages = {f: json.load(open(f"{out}/_stages/{f}")) for f in os.listdir(f"{out}/_stages") if f.endswith(".json")}
     assert sorted(stages) == ["references.json", "report.json", "sample.json", "score.json"]  # downstream: off
+    made_for = json.load(open(f"{out}/_stages/shards/cfg.json"))["made_for"]  # what the cfg shards were made with
+    assert made_for["seed"] == 3 and made_for["recipe"]["cfg_scale"] == 2.0 and made_for["sampling"]["steps"] == 5
     assert stages["sample.json"]["shards"] == {"planned": 20, "made": 20, "already_complete": 0}
     assert all(r["wall_seconds"] >= 0 for r in stages.values())
     assert sorted(os.listdir(f"{out}/_references")) == ["meta.json", "test", "train"]
@@ -116,6 +118,28 @@ def test_stages_rescore_and_report_without_resampling(first_run, tmp_path, capsy
     assert main(["run", config, "--output", copy, "--quiet", "--stages", "report"]) == 0
     assert os.path.exists(f"{copy}/report.html") and os.stat(f"{copy}/_score/metrics.json").st_mtime_ns == score
     assert json.load(open(f"{copy}/run.json"))["shards"] == json.loads(sample_marker)["shards"]
+
+
+def test_a_resume_with_another_recipe_config_is_refused_before_anything_is_written(first_run, tmp_path, capsys):
+    tmp, out = first_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    before, record = _files(copy), open(f"{copy}/run.json").read()
+    changed = {**TINY, "recipes": {"cfg": {"cfg_scale": 3.0, "images_per_class": 12}}}
+    assert main(["run", _write(tmp_path, changed), "--output", copy, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy}/cfg holds shards made with another config (recipe.cfg_scale: 2.0 -> 3.0)" in err, err[-2000:]
+    assert "new --output" in err
+    assert main(["run", _write(tmp_path, TINY), "--output", copy, "--quiet", "--set", "seed=4"]) == 2
+    assert "(seed: 3 -> 4)" in capsys.readouterr().err
+    assert _files(copy) == before and open(f"{copy}/run.json").read() == record  # the old run's record stands
+    # more images a class and a new recipe only add shards: resumed, the old ones kept byte for byte
+    grown = {**TINY, "recipes": {"cfg": {"cfg_scale": 2.0, "images_per_class": 18},
+                                 "plain": {"cfg_scale": 1.0, "images_per_class": 6}}}
+    assert main(["run", _write(tmp_path, grown), "--output", copy, "--quiet"]) == 0
+    after = _files(copy)
+    assert {k: after[k] for k in before} == before and len(after) == len(before) * 2  # 20 shards, then 40
+    assert json.load(open(f"{copy}/run.json"))["shards"]["already_complete"] == 20
 
 
 def test_a_stage_without_its_inputs_names_the_stage_to_run(local_ray, tmp_path, capsys):

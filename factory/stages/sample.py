@@ -2,12 +2,14 @@
 the data plane's actor pool, each actor building its producer (models, bank reader) itself.
 
 A committed shard is never re-made (its stats marker is the commit); a failed shard leaves the committed ones in
-place and the error names the shard and its root cause, so a rerun resumes.
+place and the error names the shard and its root cause, so a rerun resumes. A shard's name does not say what it
+was made with, so each recipe's inputs are recorded before its first shard and a rerun with other ones is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -108,6 +110,47 @@ def run_sample(cfg, output: str, plan, sink, progress: bool = False, verify: boo
     if finetuned:
         stats["finetune"] = finetuned
     return marker.write(sink, "sample", t_end - t0, **stats)
+
+
+SHARD_INPUTS = ("seed", "data", "backbone", "features", "sampling")  # with the recipe's own section
+
+
+def shard_inputs(cfg, recipe: str) -> dict:
+    """What a recipe's shards are a function of besides their ids. ``images_per_class`` and ``data.classes`` only
+    add or drop shards, and ``tune:`` is how a value was found, not the value, so they are left out."""
+    c = json.loads(json.dumps(cfg.to_dict(), default=str))
+    inputs = {k: c[k] for k in SHARD_INPUTS}
+    inputs["data"] = {k: v for k, v in c["data"].items() if k != "classes"}
+    inputs["recipe"] = {k: v for k, v in c["recipes"][recipe].items() if k not in ("tune", "images_per_class")}
+    return inputs
+
+
+def _changes(old, new, at: str = "") -> list[str]:
+    """``key: old -> new`` for each value that differs; a key only one side has is another factory version's."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) & set(new), key=str)
+                for c in _changes(old[k], new[k], f"{at}.{k}" if at else str(k))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in _changes(a, b, f"{at}.{i}")]
+    return [] if old == new else [f"{at}: {old!r} -> {new!r}"]
+
+
+def check_shard_inputs(cfg, plan, sink, recipes=None, record: bool = False) -> None:
+    """Refuse to resume a recipe whose committed shards were made with other inputs: the output would mix two
+    configs under one run.json. ``<output>/_stages/shards/<recipe>.json`` holds what they were made with;
+    ``record`` writes it for the recipes that have none yet (before their first shard)."""
+    for rp in plan.recipes:
+        if recipes is not None and rp.recipe not in recipes:
+            continue
+        want, have = shard_inputs(cfg, rp.recipe), marker.read(sink, f"shards/{rp.recipe}")
+        changes = _changes(have["made_for"], want) if have is not None else []
+        if changes and sink.completed(rp.recipe):
+            raise ValueError(
+                f"{sink.root}/{rp.recipe} holds shards made with another config ({'; '.join(changes[:4])}"
+                f"{'; …' if len(changes) > 4 else ''}): resuming would mix the two. Write to a new --output, or "
+                f"delete {sink.root}/{rp.recipe} to re-make the recipe")
+        if record and (have is None or have["made_for"] != want):
+            marker.write(sink, f"shards/{rp.recipe}", 0.0, made_for=want)
 
 
 def require_shards(plan, sink, stage: str) -> dict:
