@@ -68,6 +68,11 @@ def provenance(cfg: Config, output: str, wall: dict) -> dict:
             "packages": versions, "config": cfg.to_dict(), "output": output, "wall_seconds": wall}
 
 
+def write_record(sink: ShardSink, record: dict) -> None:
+    """run.json, rewritten whole at each step of the run (started, tuned, failed, done, complete)."""
+    sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+
+
 def check_resume(cfg: Config, plan: Plan, sink: ShardSink) -> None:
     """The committed shards' inputs against this run's, before any work. A tuned recipe is checked with its recorded
     choice when the tune stage will keep it; one whose tune re-runs is checked once the new choice is made."""
@@ -176,7 +181,7 @@ def report_stage(cfg: Config, output: str, plan: Plan, sink: ShardSink, record: 
     if tuned:  # a record left by an earlier config whose recipes are no longer tuned is not this run's
         prov["tuning"] = tuned
     sink.put(f"{sink.root}/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode())
-    sink.put(f"{sink.root}/run.json", json.dumps(prov, indent=1, sort_keys=True, default=str).encode())
+    write_record(sink, prov)
     write_report(sink, plan, metrics, prov)
     write_cards(cfg, sink, plan, metrics, prov)  # <output>/<recipe>/README.md: load_dataset(<output>/<recipe>)
     marker.write(sink, "report", time.perf_counter() - t0, sets=sorted(metrics))
@@ -213,7 +218,7 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
     check_resume(cfg, plan, sink)  # before run.json is rewritten: shards of another config are refused
     record = {**provenance(cfg, output, {}), "state": "running", "started": time.time(), "stages": stages,
               "plan": plan_record(plan, cfg.output.formats)}
-    sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+    write_record(sink, record)
     ensure_ray(cfg.executor.address)
     try:
         if any(r.tune is not None for r in cfg.recipes.values()):
@@ -225,7 +230,7 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
                 tuned = marker.require(sink, "tune", stages[0], "tuned parameters")
             cfg = apply(cfg, tuned)
             record["config"] = cfg.to_dict()
-            sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+            write_record(sink, record)
         check_shard_inputs(cfg, plan, sink, record="sample" in stages)  # a tune that re-ran may have moved
         if "references" in stages:
             references_stage(cfg, output, plan, info, sink, progress)
@@ -241,8 +246,8 @@ def run(cfg: Config, output: str, progress: bool = True, verify: bool = False, s
     except Exception as e:
         what = str(e) if isinstance(e, ShardError) else f"{type(e).__name__}: {e}"
         record.update(state="failed", error=what, finished=time.time())
-        sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+        write_record(sink, record)
         raise
     record.update(state="stages done", finished=time.time())
-    sink.put(f"{sink.root}/run.json", json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+    write_record(sink, record)
     return collect_metrics(cfg, sink, "run", strict=False)
