@@ -46,14 +46,21 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _addmm_activation_flops(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import mm_flop
+
+    return mm_flop(a_shape, b_shape)
+
+
 def count_flops(fn) -> int:
     """FLOPs of ``fn()`` by FlopCounterMode; CPU flash attention (not in torch's table) is counted like CUDA's."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+               aten._addmm_activation: _addmm_activation_flops}  # the GELU-in-GEMM of fuse_projections
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -119,6 +126,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser and feature model")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode with --compile (e.g. max-autotune-no-cudagraphs; default torch's)")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="one QKV GEMM per attention, DiT's GELU in its GEMM (backbones.fuse_projections)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (denoiser and VAEs)")
+    parser.add_argument("--compile-decoder", action="store_true", help="with --compile: the VAE decoders too")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN picks conv algorithms by timing them (not deterministic across processes)")
+    parser.add_argument("--inductor-tuning", action="store_true",
+                        help="with --compile: inductor's coordinate-descent tuning of its own kernels")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="CFG scale; 1 = no unconditional pass")
     parser.add_argument("--grad-through", choices=("model", "x0"), default="model")
     parser.add_argument("--guidance-decoder", choices=("vae", "tiny"), default="vae")
@@ -235,6 +250,8 @@ def _row(args, backbone, features, feat_name, batch, m: dict, device_name: str, 
         "cfg_scale": args.cfg_scale, "grad_through": args.grad_through, "guidance_decoder": args.guidance_decoder,
         "dtype": {v: k for k, v in DTYPES.items()}[getattr(backbone, "dtype", torch.float32)],
         "compile": (getattr(args, "compile_mode", None) or True) if args.compile else False,
+        "speedups": [k for k in ("fuse_projections", "channels_last", "compile_decoder", "cudnn_benchmark",
+                                 "inductor_tuning") if getattr(args, k, False)],
         "resolution": list(getattr(backbone, "resolution", ())) or None,
         "img_per_s": None, "sec_per_img": None,
         "tflops_per_img": _sig(tflops_per_img),
@@ -284,9 +301,17 @@ def run_bench(args) -> dict:
     features = build_features(feat_name, args.size, device=device, dtype=dtype,
                               gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     guidance = _energies(args.guidance, features, _probe(backbone, flops_only), args.every, args.seed)
+    _speedups(args, backbone)
     if args.compile and not flops_only:
         kw = {"mode": args.compile_mode} if getattr(args, "compile_mode", None) else {}
-        backbone.compile(**kw) if hasattr(backbone, "compile") else backbone.unet.compile(**kw)
+        if getattr(args, "inductor_tuning", False):
+            import torch._inductor.config as inductor
+
+            inductor.coordinate_descent_tuning = True
+        if hasattr(backbone, "compile"):
+            backbone.compile(decoder=bool(getattr(args, "compile_decoder", False)), **kw)
+        else:
+            backbone.unet.compile(**kw)
         features.compile(**kw)
     build_s = time.perf_counter() - t0
     m = measure(backbone, features, guidance, batch=batch, steps=steps, cfg_scale=args.cfg_scale,
@@ -298,6 +323,20 @@ def run_bench(args) -> dict:
         out["resolution"] = list(_probe(backbone, flops_only).shape[-2:])
     print(json.dumps(out), flush=True)
     return out
+
+
+def _speedups(args, backbone) -> None:
+    """The bench's optional layout and kernel switches, applied as ``load_backbone`` applies its options."""
+    from factory.backbones import fuse_projections
+
+    if getattr(args, "cudnn_benchmark", False):
+        torch.backends.cudnn.benchmark = True
+    if getattr(args, "fuse_projections", False) and args.backbone != "tiny":
+        fuse_projections(backbone.modules()["denoiser"])
+    if getattr(args, "channels_last", False):
+        for module in backbone.modules().values():
+            if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+                module.to(memory_format=torch.channels_last)
 
 
 def _probe(backbone, flops_only: bool = False) -> torch.Tensor:

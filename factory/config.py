@@ -101,7 +101,7 @@ def _checkpointing(value):
 class TinyOptions(Section):
     lora: str | None = None  # a peft LoRA adapter (folder or URI) merged into the denoiser at load
     mode: Literal["L", "RGB"] | None = None  # ignored: the tiny UNet works in the real set's channels
-    channels_last: bool | None = None  # NHWC convolutions; unset: true on tiny, false elsewhere (load_backbone)
+    channels_last: bool | None = None  # NHWC convolutions; unset: true on tiny and on CUDA (load_backbone)
 
 
 class LatentOptions(TinyOptions):
@@ -110,11 +110,12 @@ class LatentOptions(TinyOptions):
     resolution: Annotated[int | list[int] | None, PlainValidator(_resolution)] = None
     gradient_checkpointing: Annotated[bool | str | list[str] | None, PlainValidator(_checkpointing)] = False
     guidance_decoder: Literal["vae", "tiny"] = "vae"  # the decoder on the guidance path
+    fuse_projections: bool | None = None  # one QKV GEMM per attention, DiT's GELU in its GEMM; unset: on CUDA
     tiny_vae: str | None = None  # an AutoencoderTiny, for guidance_decoder tiny
     scheduler: Literal["ddim", "native"] = "ddim"
     variant: str | None = None
     class_names: list[str] | None = None
-    compile: bool | dict[str, Any] = False  # torch.compile the denoiser (kwargs: mode, backend, ...)
+    compile: bool | dict[str, Any] = False  # torch.compile the denoiser and VAE decoders (kwargs: mode, backend, ...)
 
 
 class SD15Options(LatentOptions):

@@ -166,6 +166,8 @@ def _models(config: dict):
 
     cfg = from_dict(config["run_config"])
     meta = RealSet(config["images"][:1], config["labels"][:1], list(config["class_names"]), config["mode"])
+    if cfg.backbone.name != "tiny":  # LoRA trains to_q / to_k / to_v: a fused QKV projection would bypass them
+        cfg.backbone.options["fuse_projections"] = False
     return build_backbone(cfg, meta), build_features(cfg)
 
 

@@ -408,3 +408,22 @@ def test_no_warnings_on_load(folders):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _load(folders, "sd15")
+
+
+@pytest.mark.parametrize("key", ["dit-xl-2", "sd15", "sd35m"])
+def test_fused_projections_sample_the_same(folders, backbones, key):
+    from diffusers.models.attention_processor import Attention
+
+    b = _load(folders, key, fuse_projections=True)
+    attention = [m for m in b.modules()["denoiser"].modules() if isinstance(m, Attention)]
+    # SD3.5's joint attention stays unfused (diffusers' fused joint processor has no QK norm)
+    assert attention and all(m.fused_projections == (key != "sd35m") for m in attention)
+    if key == "dit-xl-2":  # its feed-forward's tanh-GELU input projection now computes in one GEMM
+        assert type(b.denoiser.transformer_blocks[0].ff.net[0]).__name__ == "_GELUInGEMM"
+    labels = torch.tensor([0, 1])
+    got, want = (sample(m, m.scheduler, labels, torch.Generator().manual_seed(5), 2, cfg_scale=2.0).images
+                 for m in (b, backbones[key]))
+    assert torch.allclose(got, want, atol=1e-4)
+    x = torch.randn(b.noise_shape(2), requires_grad=True)  # guided steps differentiate through it
+    b.predict(x, 500, b.condition(labels)).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -54,6 +54,25 @@ def test_flops_follow_the_configuration(capsys):
     assert taesd["tflops_per_img_by_part"]["final_decode"] == model["tflops_per_img_by_part"]["final_decode"]
 
 
+def test_fused_projections_and_channels_last_count_the_same_flops(capsys):
+    """The speed switches change kernels, not the model: the FLOP count (MFU's numerator) stays."""
+    plain = _bench(capsys, "--backbone", "dit-xl-2", "--guidance", "chamfer", "--every", "1")
+    fast = _bench(capsys, "--backbone", "dit-xl-2", "--guidance", "chamfer", "--every", "1",
+                  "--fuse-projections", "--channels-last")
+    assert plain["speedups"] == [] and fast["speedups"] == ["fuse_projections", "channels_last"]
+    assert fast["tflops_per_img"] == plain["tflops_per_img"]
+
+
+def test_gelu_in_gemm_counts_as_its_gemm():
+    """cuBLASLt's GELU epilogue op (used on CUDA) is counted like the addmm it replaces."""
+    import torch
+
+    from factory.bench import count_flops
+
+    bias, x, w = torch.randn(64), torch.randn(32, 16), torch.randn(16, 64)
+    assert count_flops(lambda: torch._addmm_activation(bias, x, w, use_gelu=True)) == 2 * 32 * 16 * 64
+
+
 def test_ot_guides_in_the_dmgd_window(capsys):
     out = _bench(capsys, "--backbone", "tiny", "--guidance", "ot", "--steps", "10")
     assert out["guided_steps"] == 4  # i / steps in [0.1, 0.4] = t / T in [0.6, 0.9]: i = 1..4 of 10
