@@ -392,6 +392,7 @@ class RecipeConfig(Section):
     progressive_batch: int = Field(0, ge=0)  # greedy progressive matching: sub-batch size within a shard; 0 = off
     init_strength: Float = Field(1.0, gt=0, le=1)  # < 1: latent prior, a real train image noised to this strength
     grad_through: Literal["model", "x0"] = "model"  # backpropagate through the denoiser, or x̂₀ only
+    recurrence: int = Field(1, ge=1)  # > 1: each guided step repeated, re-noised between (self-recurrence)
     finetune: FinetuneConfig | None = None  # Real-Fake LoRA fine-tuning before sampling; None = off
     tune: TuneConfig | None = None  # choose one parameter by a pilot on a validation carve; None = as written
 

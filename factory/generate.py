@@ -370,7 +370,7 @@ class SyntheticProducer:
                 backbone, backbone.scheduler, labels, generator, self.cfg.sampling.steps,
                 cfg_scale=recipe.cfg_scale, guidance=guidance, features=self.features if guidance else None,
                 frozen=frozen, condition=condition, init_images=init, strength=recipe.init_strength,
-                eta=self.cfg.sampling.eta, grad_through=recipe.grad_through,
+                eta=self.cfg.sampling.eta, grad_through=recipe.grad_through, recurrence=recipe.recurrence,
             )
             images.append(result.images)
             if guidance and recipe.progressive_batch:

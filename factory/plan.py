@@ -365,8 +365,10 @@ def recipe_tflops(cfg, recipe) -> tuple[float | None, list[str]]:
     per_pass = (parts["backward"][decoder] - feats) * area + feats  # every energy term backpropagates once
     if recipe.grad_through == "model":
         per_pass += forwards * parts["denoiser_backward"] * area
-    total = (n * forwards * parts["denoiser"] * area + guided * (parts["decode"][decoder] * area + feats)
-             + passes * per_pass + parts["final_decode"] * area)
+    r = recipe.recurrence  # self-recurrence runs each guided step r times, its denoiser passes included
+    total = ((n + (r - 1) * guided) * forwards * parts["denoiser"] * area
+             + r * guided * (parts["decode"][decoder] * area + feats) + r * passes * per_pass
+             + parts["final_decode"] * area)
     return total, notes
 
 

@@ -155,6 +155,11 @@ def takes_eta(scheduler) -> bool:
     return "eta" in inspect.signature(scheduler.step).parameters
 
 
+def _alpha(scheduler, t: int) -> torch.Tensor:
+    """DDIM's cumulative alpha at train timestep ``t`` (its final value below 0), as its ``step`` reads it."""
+    return scheduler.alphas_cumprod[int(t)] if int(t) >= 0 else scheduler.final_alpha_cumprod
+
+
 def _step(scheduler, out, t, x, eta, generator):
     if takes_eta(scheduler):
         return scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
@@ -228,6 +233,7 @@ def sample(
     strength: float = 1.0,
     eta: float = 0.0,
     grad_through: str = "model",
+    recurrence: int = 1,
 ) -> SampleResult:
     """Sample one batch of ``labels``.
 
@@ -235,7 +241,14 @@ def sample(
     otherwise ``backbone.condition(labels)`` is used throughout. ``init_images`` (pixels in [-1, 1])
     with ``strength`` < 1 starts from those images noised to that strength (img2img latent prior).
     ``frozen`` are features of already committed samples passed to every energy (greedy matching).
+    ``recurrence`` r > 1 repeats each guided step r times, re-noising its result back to the step's
+    noise level in between (Universal Guidance's self-recurrence, Bansal et al. 2023): the energy gets r
+    pushes at each level, where one small push per step does not reach the energy's optimum. DDIM only.
     """
+    if recurrence < 1:
+        raise ValueError(f"recurrence must be >= 1, got {recurrence}")
+    if recurrence > 1 and not hasattr(scheduler, "final_alpha_cumprod"):
+        raise ValueError(f"recurrence > 1 re-noises with DDIM's schedule; {type(scheduler).__name__} has none")
     if guidance and features is None:
         raise ValueError("guidance energies need a feature extractor")
     batch = labels.shape[0]
@@ -262,9 +275,15 @@ def sample(
     for i, t in enumerate(timesteps):
         cond = fixed_cond if condition is None else condition(i, n)
         active = [g for g in guidance if g.active(i, n)]
-        out = model_output(backbone, scheduler, x, t, i, cond, null, cfg_scale, active, features, frozen,
-                           grad_through, trace)
-        x = _step(scheduler, out.detach(), t, x, eta, generator)
+        for r in range(recurrence if active else 1):
+            if r:  # back from the previous level to t's: x_t = sqrt(a_t / a_prev) x_prev + sqrt(1 - a_t / a_prev) noise
+                ratio = _alpha(scheduler, t) / _alpha(scheduler, int(t) - scheduler.config.num_train_timesteps
+                                                       // scheduler.num_inference_steps)
+                noise = torch.randn(x.shape, generator=generator).to(device)
+                x = ratio.sqrt() * x + (1 - ratio).sqrt() * noise
+            out = model_output(backbone, scheduler, x, t, i, cond, null, cfg_scale, active, features, frozen,
+                               grad_through, trace)
+            x = _step(scheduler, out.detach(), t, x, eta, generator)
     with torch.no_grad():
         images = backbone.decode(x).clamp(-1, 1)
     for row in trace:  # read back once, after the loop: no device sync per guided step

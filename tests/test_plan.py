@@ -92,6 +92,19 @@ def test_flop_model_matches_the_bench_counts(backbone, steps, recipe, bench_tflo
     assert tflops == pytest.approx(bench_tflops, rel=0.01) and not notes
 
 
+def test_self_recurrence_repeats_the_guided_steps_cost():
+    from factory.plan import BACKBONE_TFLOPS
+
+    every_step = [{"name": "chamfer", "every": 1, "params": {"k": 32}}]
+    final = BACKBONE_TFLOPS["dit-xl-2"]["final_decode"]
+    once, thrice = (recipe_tflops(c, c.recipes["r"])[0] for c in (
+        _cfg("dit-xl-2", 25, cfg_scale=1.0, energies=every_step),
+        _cfg("dit-xl-2", 25, cfg_scale=1.0, energies=every_step, recurrence=3)))
+    assert thrice - final == pytest.approx(3 * (once - final))  # every step guided: all of it three times
+    plain = _cfg("dit-xl-2", 25, cfg_scale=2.0, recurrence=3)
+    assert recipe_tflops(plain, plain.recipes["r"])[0] == pytest.approx(12.5, rel=0.01)  # nothing to repeat
+
+
 def test_guided_schedule_follows_the_sampler():
     cfg = _cfg(steps=25, energies=CHAMFER)
     assert guided_schedule(25, cfg.recipes["r"]) == (25, 5, 5)  # i = 0, 5, 10, 15, 20

@@ -173,3 +173,41 @@ def test_guided_output_moves_x0_by_delta_in_every_prediction_type(kind):
     x0, eps = torch.randn(2, 1, 4, 4, generator=gen), torch.randn(2, 1, 4, 4, generator=gen)
     back = x0_and_eps(kind, output_of(kind, x0, eps, a, s), a * x0 + s * eps, a, s)
     torch.testing.assert_close(back, (x0, eps), rtol=1e-5, atol=1e-5)
+
+
+def test_self_recurrence_repeats_guided_steps_and_pushes_further():
+    """recurrence r: each guided step r times, re-noised between, so the energy gets r pushes per noise
+    level and ends lower (the packaged digits UNet: an untrained one denoises the fresh noise badly);
+    unguided steps are not repeated."""
+    from factory.backbones import load_backbone
+
+    digits = load_backbone("tiny", "digits", (8, 8))
+    target = torch.full((1, 64), 0.8)
+
+    def energy(feats, frozen):
+        return ((feats - target) ** 2).sum(dim=1).mean()
+
+    labels = torch.tensor([1, 1, 1, 1])
+    ends, guided = {}, {}
+    for r in (1, 3):
+        g = Guidance(energy, weight=0.2, every=1, window=(0.5, 1.0), normalize="l2")
+        res = sample(digits, digits.scheduler, labels, torch.Generator().manual_seed(3), 10, guidance=[g],
+                     features=lambda x: x.flatten(1), grad_through="x0", recurrence=r)
+        guided[r] = len(res.energy_trace)
+        ends[r] = float(energy(res.images.flatten(1), None))
+    assert 0 < guided[1] < 10 and guided[3] == 3 * guided[1]  # the window's steps, each r times
+    assert ends[3] < 0.5 * ends[1]  # measured: 58.8 against 12.7
+    plain = sample(digits, digits.scheduler, labels, torch.Generator().manual_seed(3), 10).images
+    assert torch.equal(plain, sample(digits, digits.scheduler, labels, torch.Generator().manual_seed(3), 10,
+                                     recurrence=3).images)  # nothing guided: nothing repeated
+
+
+def test_self_recurrence_needs_ddim_and_a_positive_count(backbone):
+    from diffusers import DDPMScheduler
+
+    labels = torch.tensor([1])
+    with pytest.raises(ValueError, match="recurrence must be >= 1"):
+        sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(0), 2, recurrence=0)
+    with pytest.raises(ValueError, match="DDPMScheduler has none"):
+        sample(backbone, DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k != "clip_sample"}),
+               labels, torch.Generator().manual_seed(0), 2, recurrence=2)
