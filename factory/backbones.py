@@ -666,8 +666,9 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
         from factory.lora import load_adapter
 
         load_adapter(backbone.modules()["denoiser"], str(lora))
-    # unset: on where they were measured to help (docs/benchmarks.md): NHWC on the tiny UNet (CPU) and on
-    # CUDA; fused projections on CUDA (together with compiled decoders, +9 % DiT-XL/2, +7 % SD 1.5 on an H200)
+    # unset: on where they were measured to help (docs/benchmarks.md): NHWC on the tiny UNet (CPU), and NHWC
+    # with fused projections on CUDA (+9 % DiT-XL/2, +7 % SD 1.5 plain CFG on an H200, measured compiled
+    # together with the decoders; eager, and which switch gives how much, not measured)
     on_cuda = torch.device(getattr(backbone, "device", "cpu")).type == "cuda"
     channels_last = (name == "tiny" or on_cuda) if channels_last is None else bool(channels_last)
     fused = on_cuda if fused is None else bool(fused)
@@ -705,15 +706,16 @@ def fuse_projections(module: nn.Module) -> int:
     """Fuse ``module``'s projections for inference; returns how many places changed. Same maths, other rounding.
 
     Each attention's Q, K and V projections become one GEMM (K and V for cross-attention; diffusers'
-    ``fuse_projections`` and ``FusedAttnProcessor2_0``: SD 1.5's and DiT's), and each tanh-GELU feed-forward input projection
-    (DiT's) computes its activation in the GEMM's epilogue. For sampling only: a LoRA trained on
-    ``to_q``/``to_k``/``to_v`` after fusing would not be seen, so Real-Fake training loads unfused.
+    ``fuse_projections`` and ``FusedAttnProcessor2_0``: SD 1.5's and DiT's), and each tanh-GELU
+    feed-forward input projection (DiT's) computes its activation in the GEMM's epilogue. For sampling
+    only: a LoRA trained on ``to_q``/``to_k``/``to_v`` after fusing would not be seen, so Real-Fake
+    training loads unfused.
     """
     from diffusers.models import attention_processor as ap
     from diffusers.models.activations import GELU
 
     count = 0
-    for m in list(module.modules()):  # SD3.5's joint attention is left alone: its fused processor drops the QK norm
+    for m in list(module.modules()):  # SD3.5's joint attention stays: its fused processor drops the QK norm
         if isinstance(m, ap.Attention) and type(m.processor) is ap.AttnProcessor2_0 and not m.fused_projections:
             m.fuse_projections()
             m.set_processor(ap.FusedAttnProcessor2_0())
