@@ -674,13 +674,18 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
     fused = on_cuda if fused is None else bool(fused)
     if fused and name != "tiny":  # one QKV GEMM per attention, GELU in the FF's GEMM (fuse_projections)
         fuse_projections(backbone.modules()["denoiser"])
-    if channels_last:  # NHWC for the convolutions (UNet, VAE): cuDNN's and oneDNN's fast layout
-        for module in backbone.modules().values():
-            if any(isinstance(m, nn.Conv2d) for m in module.modules()):
-                module.to(memory_format=torch.channels_last)
+    if channels_last:
+        to_channels_last(backbone)
     if compile_with is not None:  # once per actor: the first shard pays the compile time
         backbone.compile(decoder=True, **compile_with)
     return backbone
+
+
+def to_channels_last(backbone) -> None:
+    """NHWC for the modules with convolutions (UNet, VAEs): cuDNN's and oneDNN's fast layout."""
+    for module in backbone.modules().values():
+        if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            module.to(memory_format=torch.channels_last)
 
 
 class _GELUInGEMM(nn.Module):

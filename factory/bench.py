@@ -327,16 +327,14 @@ def run_bench(args) -> dict:
 
 def _speedups(args, backbone) -> None:
     """The bench's optional layout and kernel switches, applied as ``load_backbone`` applies its options."""
-    from factory.backbones import fuse_projections
+    from factory.backbones import fuse_projections, to_channels_last
 
     if getattr(args, "cudnn_benchmark", False):
         torch.backends.cudnn.benchmark = True
     if getattr(args, "fuse_projections", False) and args.backbone != "tiny":
         fuse_projections(backbone.modules()["denoiser"])
     if getattr(args, "channels_last", False):
-        for module in backbone.modules().values():
-            if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
-                module.to(memory_format=torch.channels_last)
+        to_channels_last(backbone)
 
 
 def _probe(backbone, flops_only: bool = False) -> torch.Tensor:
