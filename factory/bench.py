@@ -143,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="guide every N steps (default: chamfer 5 over all steps; ot 1 in DMGD's window)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in the decoder and feature model")
     parser.add_argument("--repeats", type=int, default=1, help="timed sampling batches")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile a batch of STEPS steps: the row gains the top kernels' "
+                             "shares of device time and a share per kind (gemm, attention, conv, ...)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed sampling batches first")
     parser.add_argument("--device", default=None, help="default cuda when available")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -239,6 +242,53 @@ def measure(backbone, features, guidance: list[Guidance], *, batch: int, steps: 
     return out
 
 
+# kernel kinds by name fragment, first match wins (cuBLAS / CUTLASS / cuDNN / Triton / ATen kernel names)
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("conv", ("convolution", "conv2d", "fprop", "dgrad", "wgrad", "implicit", "winograd", "cudnn")),
+                ("gemm", ("gemm", "nvjet", "cutlass", "addmm", "aten::mm", "aten::bmm", "matmul", "linear")),
+                ("norm", ("norm",)),
+                ("elementwise", ("triton", "elementwise", "vectorized", "unrolled", "reduce", "gelu", "silu",
+                                 "aten::add", "aten::mul", "aten::copy", "aten::cat", "aten::sub", "aten::div")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, frags in KERNEL_KINDS if any(f in low for f in frags)), "other")
+
+
+def profile_sampling(backbone, features, guidance, *, batch: int, steps: int, cfg_scale: float, grad_through: str,
+                     seed: int = 0, top: int = 20) -> dict:
+    """Where one sampling batch's time goes: ``torch.profiler`` over it, device kernels on CUDA (their own
+    time), operators' self time on a CPU. Returns the top entries and the share per kernel kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = getattr(backbone, "device", torch.device("cpu"))
+    cuda = device.type == "cuda"
+    labels = torch.arange(batch) % getattr(backbone, "num_classes", 10)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        sample(backbone, backbone.scheduler, labels, torch.Generator().manual_seed(seed), steps, cfg_scale=cfg_scale,
+               guidance=guidance, features=features if guidance else None, grad_through=grad_through)
+        _sync(device)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    if cuda:  # kernels only: an operator's device time is its kernels', counted once here
+        events = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                  if str(getattr(e, "device_type", "")).endswith("CUDA") and e.self_device_time_total > 0]
+    else:
+        events = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(t for _, t, _ in events) or 1.0
+    kinds: dict[str, float] = {}
+    for name, t, _ in events:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / total
+    events.sort(key=lambda e: -e[1])
+    return {"steps": steps, "clock": "device kernels" if cuda else "cpu self time",
+            "busy": _sig(total / wall_us) if cuda else None,  # kernel time over the profiled wall time
+            "by_kind": {k: _sig(v) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:100], "share": _sig(t / total), "ms": _sig(t / 1e3), "calls": c}
+                    for n, t, c in events[:top]]}
+
+
 def _row(args, backbone, features, feat_name, batch, m: dict, device_name: str, build_s: float) -> dict:
     import diffusers
 
@@ -319,6 +369,9 @@ def run_bench(args) -> dict:
                 flops_only=flops_only)
     name = "meta (FLOPs only)" if flops_only else _device_name(device)
     out = _row(args, backbone, features, feat_name, batch, m, name, build_s)
+    if getattr(args, "profile", 0) and not flops_only:
+        out["profile"] = profile_sampling(backbone, features, guidance, batch=batch, steps=args.profile,
+                                          cfg_scale=args.cfg_scale, grad_through=args.grad_through, seed=args.seed)
     if out["resolution"] is None:
         out["resolution"] = list(_probe(backbone, flops_only).shape[-2:])
     print(json.dumps(out), flush=True)
@@ -390,10 +443,13 @@ def run_suite(args) -> dict:
     Rows run in priority order (eager first, then compiled where time is left); a row is skipped, and
     says so, when the time it is expected to take (its backbone's last row, else a guess) would pass
     ``--budget-s``. An out-of-memory row retries once at half the batch. JSON lines go to stdout (and
-    ``--out``/suite.jsonl), the markdown table last (and ``--out``/suite.md).
+    ``--out``/suite.jsonl), the markdown table last (and ``--out``/suite.md). Each backbone samples as an
+    actor would load it: on CUDA with fused projections and NHWC, compiled rows with the decoders compiled.
     """
     import argparse as _argparse
     import os
+
+    from factory.backbones import fuse_projections, to_channels_last
 
     t_start = time.perf_counter()
     budget = float(args.budget_s)
@@ -437,8 +493,12 @@ def run_suite(args) -> dict:
             except torch.cuda.OutOfMemoryError as e:
                 emit({"backbone": name, "mode": "*", "compile": compiled, "error": f"build: {e}"})
                 continue
+            fast = device.type == "cuda"  # the sampling defaults there (load_backbone): fused projections, NHWC
+            if fast and name != "tiny":
+                fuse_projections(backbone.modules()["denoiser"])
+                to_channels_last(backbone)
             if compiled:
-                backbone.compile()
+                backbone.compile(decoder=True)
                 features.compile()
             build_s = time.perf_counter() - t0
             probe = _probe(backbone)
@@ -454,7 +514,8 @@ def run_suite(args) -> dict:
                 cfg_scale = cfg if with_cfg else 1.0
                 row_args = _argparse.Namespace(backbone=name, size=size, guidance=guidance_kind, cfg_scale=cfg_scale,
                                                grad_through=args.grad_through, guidance_decoder=decoder,
-                                               compile=compiled)
+                                               compile=compiled, fuse_projections=fast, channels_last=fast,
+                                               compile_decoder=compiled)
                 b = batch
                 t_row = time.perf_counter()
                 for attempt in range(2):

@@ -73,6 +73,32 @@ def test_gelu_in_gemm_counts_as_its_gemm():
     assert count_flops(lambda: torch._addmm_activation(bias, x, w, use_gelu=True)) == 2 * 32 * 16 * 64
 
 
+def test_profile_says_where_a_batch_spends_its_time(capsys):
+    out = _bench(capsys, "--backbone", "sd15", "--guidance", "chamfer", "--every", "1", "--profile", "2")
+    prof = out["profile"]
+    assert prof["steps"] == 2 and prof["clock"] == "cpu self time"
+    assert sum(prof["by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert prof["by_kind"]["conv"] > 0 and prof["by_kind"]["gemm"] > 0  # a UNet and a VAE convolve and project
+    shares = [t["share"] for t in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT", "gemm"),
+    ("triton_tem_fused_addmm_0", "gemm"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72, 128, 64, 4>>", "attention"),
+    ("triton_red_fused_native_layer_norm_1", "norm"),
+    ("triton_poi_fused_add_mul_2", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+    ("Memcpy HtoD (Pageable -> Device)", "other"),
+])
+def test_kernel_kinds(name, kind):
+    from factory.bench import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
 def test_ot_guides_in_the_dmgd_window(capsys):
     out = _bench(capsys, "--backbone", "tiny", "--guidance", "ot", "--steps", "10")
     assert out["guided_steps"] == 4  # i / steps in [0.1, 0.4] = t / T in [0.6, 0.9]: i = 1..4 of 10
