@@ -672,20 +672,21 @@ def load_backbone(name: str, checkpoint: str, real_size: tuple[int, int], **opti
     on_cuda = torch.device(getattr(backbone, "device", "cpu")).type == "cuda"
     channels_last = (name == "tiny" or on_cuda) if channels_last is None else bool(channels_last)
     fused = on_cuda if fused is None else bool(fused)
-    if fused and name != "tiny":  # one QKV GEMM per attention, GELU in the FF's GEMM (fuse_projections)
-        fuse_projections(backbone.modules()["denoiser"])
-    if channels_last:
-        to_channels_last(backbone)
+    apply_kernel_options(backbone, fused=fused, channels_last=channels_last)
     if compile_with is not None:  # once per actor: the first shard pays the compile time
         backbone.compile(decoder=True, **compile_with)
     return backbone
 
 
-def to_channels_last(backbone) -> None:
-    """NHWC for the modules with convolutions (UNet, VAEs): cuDNN's and oneDNN's fast layout."""
-    for module in backbone.modules().values():
-        if any(isinstance(m, nn.Conv2d) for m in module.modules()):
-            module.to(memory_format=torch.channels_last)
+def apply_kernel_options(backbone, *, fused: bool, channels_last: bool) -> None:
+    """Fused projections (latent backbones' denoisers: ``fuse_projections``) and NHWC for the modules with
+    convolutions (UNet, VAEs: cuDNN's and oneDNN's fast layout), in place; the loader and the bench share it."""
+    if fused and backbone.latent:
+        fuse_projections(backbone.modules()["denoiser"])
+    if channels_last:
+        for module in backbone.modules().values():
+            if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+                module.to(memory_format=torch.channels_last)
 
 
 class _GELUInGEMM(nn.Module):

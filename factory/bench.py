@@ -280,7 +280,8 @@ def profile_sampling(backbone, features, guidance, *, batch: int, steps: int, cf
     total = sum(t for _, t, _ in events) or 1.0
     kinds: dict[str, float] = {}
     for name, t, _ in events:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t / total
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + t / total
     events.sort(key=lambda e: -e[1])
     return {"steps": steps, "clock": "device kernels" if cuda else "cpu self time",
             "busy": _sig(total / wall_us) if cuda else None,  # kernel time over the profiled wall time
@@ -380,14 +381,12 @@ def run_bench(args) -> dict:
 
 def _speedups(args, backbone) -> None:
     """The bench's optional layout and kernel switches, applied as ``load_backbone`` applies its options."""
-    from factory.backbones import fuse_projections, to_channels_last
+    from factory.backbones import apply_kernel_options
 
     if getattr(args, "cudnn_benchmark", False):
         torch.backends.cudnn.benchmark = True
-    if getattr(args, "fuse_projections", False) and args.backbone != "tiny":
-        fuse_projections(backbone.modules()["denoiser"])
-    if getattr(args, "channels_last", False):
-        to_channels_last(backbone)
+    apply_kernel_options(backbone, fused=bool(getattr(args, "fuse_projections", False)),
+                         channels_last=bool(getattr(args, "channels_last", False)))
 
 
 def _probe(backbone, flops_only: bool = False) -> torch.Tensor:
@@ -449,7 +448,7 @@ def run_suite(args) -> dict:
     import argparse as _argparse
     import os
 
-    from factory.backbones import fuse_projections, to_channels_last
+    from factory.backbones import apply_kernel_options
 
     t_start = time.perf_counter()
     budget = float(args.budget_s)
@@ -494,9 +493,7 @@ def run_suite(args) -> dict:
                 emit({"backbone": name, "mode": "*", "compile": compiled, "error": f"build: {e}"})
                 continue
             fast = device.type == "cuda"  # the sampling defaults there (load_backbone): fused projections, NHWC
-            if fast and name != "tiny":
-                fuse_projections(backbone.modules()["denoiser"])
-                to_channels_last(backbone)
+            apply_kernel_options(backbone, fused=fast, channels_last=fast)
             if compiled:
                 backbone.compile(decoder=True)
                 features.compile()
