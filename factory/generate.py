@@ -352,6 +352,20 @@ class SyntheticProducer:
         generator = torch.Generator().manual_seed(shard.seed)
         aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
         guidance = self.guidance_for(shard)
+        # candidates m > 1: m guided sets from the same generators in turn, then the shard's images are the
+        # ones whose set the energy itself prefers (ChamferEnergy.select); one draw otherwise
+        images = torch.cat([self._sample_set(shard, recipe, backbone, guidance, generator, aux)
+                            for _ in range(recipe.candidates)])
+        if recipe.candidates > 1:
+            with torch.no_grad():
+                feats = self.features(images)
+            images = images[guidance[0].energy.select(feats, shard.num_images).to(images.device)]
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"shard {shard.recipe}/{shard.name}: sampling produced NaN or Inf")
+        return images
+
+    def _sample_set(self, shard: Shard, recipe, backbone, guidance, generator, aux) -> torch.Tensor:
+        """One guided set of the shard's size, in batches of :meth:`batch_for`."""
         step = self.batch_for(shard, backbone, guidance)
         init_pool = None
         if recipe.init_strength < 1.0:
@@ -377,10 +391,7 @@ class SyntheticProducer:
                 with torch.no_grad():
                     f = self.features(result.images)
                 frozen = f if frozen is None else torch.cat([frozen, f])
-        images = torch.cat(images)
-        if not torch.isfinite(images).all():
-            raise FloatingPointError(f"shard {shard.recipe}/{shard.name}: sampling produced NaN or Inf")
-        return images
+        return torch.cat(images)
 
     def __call__(self, shard: Shard) -> list[dict]:
         """The shard's records with uint8 pixels as ``image``: :func:`encoder` turns them into the output's

@@ -369,6 +369,8 @@ def recipe_tflops(cfg, recipe) -> tuple[float | None, list[str]]:
     total = ((n + (r - 1) * guided) * forwards * parts["denoiser"] * area
              + r * guided * (parts["decode"][decoder] * area + feats) + r * passes * per_pass
              + parts["final_decode"] * area)
+    if recipe.candidates > 1:  # every candidate set is sampled whole and embedded once for the choice
+        total = recipe.candidates * (total + feats)
     return total, notes
 
 

@@ -123,6 +123,16 @@ def test_every_error_is_named_at_once():
     assert len(lines) == 3 and lines[0].startswith("sampling.steps") and "params.'kk'" in lines[2]
 
 
+def test_candidates_need_exactly_one_chamfer_energy():
+    chamfer = {"name": "chamfer", "params": {"k": 8}}
+    assert from_dict({"recipes": {"x": {"candidates": 3, "energies": [chamfer]}}}).recipes["x"].candidates == 3
+    for energies in ([], [{"name": "ot"}], [chamfer, {"name": "ot"}]):
+        with pytest.raises(ConfigError, match=r"recipes.x.candidates: .*exactly one energy, chamfer"):
+            from_dict({"recipes": {"x": {"candidates": 3, "energies": energies}}})
+    with pytest.raises(ConfigError, match="recipes.x.candidates"):
+        from_dict({"recipes": {"x": {"candidates": 0, "energies": [chamfer]}}})
+
+
 def test_an_energy_param_typo_fails_at_load_and_exits_2(tmp_path, capsys):
     from factory.cli import main
 
@@ -185,7 +195,7 @@ recipes:
 
 def test_a_star_in_an_override_sets_every_recipe():
     job = load_config(Path(__file__).parents[1] / "jobs" / "digits_ipc.yaml", ["recipes.*.images_per_class=50"])
-    assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 11
+    assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 12
     with pytest.raises(ConfigError, match=r"recipes\.\*\.x: .*nothing"):
         from_dict({"recipes": {}}, parse_overrides(["recipes.*.x=1"]))
     with pytest.raises(ConfigError, match="'name' is not a mapping"):

@@ -71,6 +71,19 @@ def test_guidance_changes_the_samples(model_dir):
     assert not torch.equal(plain, guided)
 
 
+def test_candidates_keep_the_images_whose_set_the_energy_prefers(model_dir):
+    one = _cfg(model_dir, {"chamfer": RECIPES["chamfer"]})
+    three = _cfg(model_dir, {"chamfer": {**RECIPES["chamfer"], "candidates": 3}})
+    shard = build_plan(one, load_real("digits", "train")).shard(0)
+    first, producer = SyntheticProducer(one).sample_shard(shard), SyntheticProducer(three)
+    chosen = producer.sample_shard(shard)
+    assert chosen.shape == first.shape
+    energy = producer.guidance_for(shard)[0].energy
+    with torch.no_grad():
+        assert energy(producer.features(chosen)) < energy(producer.features(first))  # the first draw is a candidate
+    assert torch.equal(SyntheticProducer(three).sample_shard(shard), chosen)  # a function of config and shard
+
+
 def test_soft_labels_mixed_in_the_outputs_change_only_the_soft_stage(model_dir):
     """mix: output differs from the paper's embedding interpolation exactly when some step is in the soft stage
     (4 steps: t_frac 1, 0.75, 0.5, 0.25; explore_from 1 and refine_until 0.8 leave none there)."""

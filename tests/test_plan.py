@@ -105,6 +105,16 @@ def test_self_recurrence_repeats_the_guided_steps_cost():
     assert recipe_tflops(plain, plain.recipes["r"])[0] == pytest.approx(12.5, rel=0.01)  # nothing to repeat
 
 
+def test_candidates_multiply_the_whole_sampling_cost():
+    from factory.plan import BACKBONE_TFLOPS
+
+    every_step = [{"name": "chamfer", "every": 1, "params": {"k": 32}}]
+    one, three = (recipe_tflops(c, c.recipes["r"])[0] for c in (
+        _cfg("dit-xl-2", 25, cfg_scale=1.0, energies=every_step),
+        _cfg("dit-xl-2", 25, cfg_scale=1.0, energies=every_step, candidates=3)))
+    assert three == pytest.approx(3 * (one + BACKBONE_TFLOPS["dit-xl-2"]["features"]))  # + one embedding each
+
+
 def test_guided_schedule_follows_the_sampler():
     cfg = _cfg(steps=25, energies=CHAMFER)
     assert guided_schedule(25, cfg.recipes["r"]) == (25, 5, 5)  # i = 0, 5, 10, 15, 20

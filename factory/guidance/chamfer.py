@@ -174,6 +174,37 @@ class ChamferEnergy:
         out = self.coverage_weight * t["coverage"] + fidelity_weight * t["fidelity"]
         return out.to(features.dtype) if features.dtype.is_floating_point else out
 
+    def select(self, candidates: Tensor, n: int) -> Tensor:
+        """Indices of the ``n`` rows of ``candidates`` [M, D] whose set has the lowest energy, chosen greedily.
+
+        Guidance moves each set towards the energy's optimum but stops short of it; sampling M > n
+        candidates and keeping the n that minimise the same energy closes part of that gap. With the set's
+        size fixed at n, fidelity is a per-sample cost (its mean has denominator n), so each greedy pick adds
+        the candidate that lowers ``coverage + fidelity_weight·fidelity`` most: O(n·k·M), no re-evaluation
+        of the whole energy per candidate. Ties go to the lower index; same input, same indices.
+        """
+        if candidates.ndim != 2 or not 1 <= n <= candidates.shape[0]:
+            raise ValueError(f"need 1 <= n <= {candidates.shape[0]} candidates, got n = {n}")
+        dt = torch.float64
+        y = candidates.detach().to(dt)
+        d = pairwise_sq_dists(self.refs.to(device=y.device, dtype=dt), y)  # [k, M]
+        masses = (torch.full((d.shape[0],), 1.0 / d.shape[0], dtype=dt, device=y.device) if self.masses is None
+                  else self.masses.to(device=y.device, dtype=dt))
+        fidelity_weight = self.fidelity_weight * (min(1.0, self.num_refs / n) if self.balance else 1.0)
+        per_sample = fidelity_weight * d.min(dim=0).values / n  # [M]
+        nearest = torch.full((d.shape[0],), float("inf"), dtype=dt, device=y.device)
+        taken = torch.zeros(d.shape[1], dtype=torch.bool, device=y.device)
+        chosen = []
+        for _ in range(n):
+            cover = (masses[:, None] * torch.minimum(nearest[:, None], d)).sum(0)  # coverage if each were added
+            cost = self.coverage_weight * cover + per_sample
+            cost[taken] = float("inf")
+            j = int(torch.argmin(cost))
+            chosen.append(j)
+            taken[j] = True
+            nearest = torch.minimum(nearest, d[:, j])
+        return torch.tensor(chosen, dtype=torch.long)
+
     def __repr__(self) -> str:
         return (
             f"ChamferEnergy(k={self.num_refs}, dim={self.refs.shape[1]}, "

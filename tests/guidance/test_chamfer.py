@@ -143,6 +143,32 @@ def test_masses_weigh_the_coverage_term_and_are_checked():
             ChamferEnergy(refs, masses=bad)
 
 
+def _cost_of_a_partial_set(energy, ys, n):
+    """The energy of a set that will hold n samples: fidelity's mean has the final size n as denominator."""
+    t = energy.terms(ys)
+    fw = energy.fidelity_weight * (min(1.0, energy.num_refs / n) if energy.balance else 1.0)
+    return float(energy.coverage_weight * t["coverage"] + fw * t["fidelity"] * len(ys) / n)
+
+
+def test_select_is_the_greedy_minimum_of_the_energy_itself():
+    g = torch.Generator().manual_seed(6)
+    refs = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    cands = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    for energy in (ChamferEnergy(refs, balance=True, masses=torch.rand(8, generator=g, dtype=torch.float64)),
+                   ChamferEnergy(refs[:2], balance=True), ChamferEnergy(refs, fidelity_weight=0.5)):
+        chosen = []
+        for _ in range(5):  # greedy by evaluating the whole energy on every extended set
+            rest = [j for j in range(30) if j not in chosen]
+            chosen.append(min(rest, key=lambda j: _cost_of_a_partial_set(energy, cands[chosen + [j]], 5)))
+        assert energy.select(cands, 5).tolist() == chosen
+        assert _cost_of_a_partial_set(energy, cands[chosen], 5) == pytest.approx(float(energy(cands[chosen])))
+    picked = ChamferEnergy(refs, balance=True).select(cands, 8)
+    assert len(set(picked.tolist())) == 8
+    assert ChamferEnergy(refs, balance=True)(cands[picked]) < ChamferEnergy(refs, balance=True)(cands[:8])
+    with pytest.raises(ValueError, match="n <= 30"):
+        ChamferEnergy(refs).select(cands, 31)
+
+
 def test_select_references_deterministic_subset():
     feats = torch.arange(100 * 3, dtype=torch.float32).reshape(100, 3)
     a = select_references(feats, 10, seed=7)
