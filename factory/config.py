@@ -393,7 +393,7 @@ class RecipeConfig(Section):
     init_strength: Float = Field(1.0, gt=0, le=1)  # < 1: latent prior, a real train image noised to this strength
     grad_through: Literal["model", "x0"] = "model"  # backpropagate through the denoiser, or x̂₀ only
     recurrence: int = Field(1, ge=1)  # > 1: each guided step repeated, re-noised between (self-recurrence)
-    candidates: int = Field(1, ge=1)  # > 1: sample this many sets a shard, keep the images the energy prefers
+    candidates: int = Field(1, ge=1)  # > 1: sample this many sets a shard, keep the images its energy prefers
     finetune: FinetuneConfig | None = None  # Real-Fake LoRA fine-tuning before sampling; None = off
     tune: TuneConfig | None = None  # choose one parameter by a pilot on a validation carve; None = as written
 
@@ -409,10 +409,10 @@ class RecipeConfig(Section):
 
     @model_validator(mode="after")
     def _selection(self):
-        if self.candidates > 1 and [e.name for e in self.energies] != ["chamfer"]:
-            raise _error(f"candidates: {self.candidates} chooses images by the Chamfer energy: the recipe needs "
-                         f"exactly one energy, chamfer (it has {[e.name for e in self.energies] or 'none'})",
-                         "candidates")
+        names = [e.name for e in self.energies]
+        if self.candidates > 1 and (len(names) != 1 or names[0] not in ("chamfer", "ot")):
+            raise _error(f"candidates: {self.candidates} chooses images by the recipe's energy: it needs exactly "
+                         f"one energy, chamfer or ot (it has {names or 'none'})", "candidates")
         return self
 
     @model_validator(mode="after")

@@ -123,11 +123,12 @@ def test_every_error_is_named_at_once():
     assert len(lines) == 3 and lines[0].startswith("sampling.steps") and "params.'kk'" in lines[2]
 
 
-def test_candidates_need_exactly_one_chamfer_energy():
+def test_candidates_need_exactly_one_chamfer_or_ot_energy():
     chamfer = {"name": "chamfer", "params": {"k": 8}}
     assert from_dict({"recipes": {"x": {"candidates": 3, "energies": [chamfer]}}}).recipes["x"].candidates == 3
-    for energies in ([], [{"name": "ot"}], [chamfer, {"name": "ot"}]):
-        with pytest.raises(ConfigError, match=r"recipes.x.candidates: .*exactly one energy, chamfer"):
+    assert from_dict({"recipes": {"x": {"candidates": 2, "energies": [{"name": "ot"}]}}}).recipes["x"].candidates == 2
+    for energies in ([], [{"name": "lowdensity"}], [chamfer, {"name": "ot"}]):
+        with pytest.raises(ConfigError, match=r"recipes.x.candidates: .*exactly one energy, chamfer or ot"):
             from_dict({"recipes": {"x": {"candidates": 3, "energies": energies}}})
     with pytest.raises(ConfigError, match="recipes.x.candidates"):
         from_dict({"recipes": {"x": {"candidates": 0, "energies": [chamfer]}}})

@@ -71,9 +71,10 @@ def test_guidance_changes_the_samples(model_dir):
     assert not torch.equal(plain, guided)
 
 
-def test_candidates_keep_the_images_whose_set_the_energy_prefers(model_dir):
-    one = _cfg(model_dir, {"chamfer": RECIPES["chamfer"]})
-    three = _cfg(model_dir, {"chamfer": {**RECIPES["chamfer"], "candidates": 3}})
+@pytest.mark.parametrize("recipe", ["chamfer", "dmgd"])
+def test_candidates_keep_the_images_whose_set_the_energy_prefers(model_dir, recipe):
+    one = _cfg(model_dir, {recipe: RECIPES[recipe]})
+    three = _cfg(model_dir, {recipe: {**RECIPES[recipe], "candidates": 3}})
     shard = build_plan(one, load_real("digits", "train")).shard(0)
     first, producer = SyntheticProducer(one).sample_shard(shard), SyntheticProducer(three)
     chosen = producer.sample_shard(shard)

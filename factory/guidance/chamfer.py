@@ -4,7 +4,8 @@ The squared-L2 Chamfer distance between k real reference features X and the batc
 coverage (every reference has a sample nearby) + fidelity (every sample is near a reference). What the paper
 leaves open and what we chose — one gradient scale for the class's set, every step with a small gamma,
 the terms' balance when k < batch, K-means references weighted by cluster mass, ``frozen`` for
-progressive batches — is in docs/methods.md, with the measurements in docs/science.md.
+progressive batches, a shard's images chosen among several guided sets (``select``) — is in
+docs/methods.md, with the measurements in docs/science.md.
 
 Nothing here knows about Ray or diffusion models; all functions are pure and deterministic.
 """

@@ -167,3 +167,18 @@ def test_partition_masses():
 def test_ot_window():
     assert DMGD_OT_WINDOW == (0.6, 0.9)
     assert in_ot_window(0.75) and in_ot_window(0.9) and not in_ot_window(0.95) and not in_ot_window(0.5)
+
+
+def test_select_picks_greedily_by_the_energy_and_beats_the_first_draw():
+    g = torch.Generator().manual_seed(7)
+    support = torch.randn(4, 3, generator=g, dtype=torch.float64) * 3
+    energy = OTEnergy(support, torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64))
+    cands = torch.randn(24, 3, generator=g, dtype=torch.float64) * 3
+    chosen = []
+    for _ in range(6):  # the greedy rule spelled out: the cheapest extended set at each pick
+        rest = [j for j in range(24) if j not in chosen]
+        chosen.append(min(rest, key=lambda j: float(energy(cands[chosen + [j]]))))
+    assert energy.select(cands, 6).tolist() == chosen
+    assert energy(cands[chosen]) < energy(cands[:6])
+    with pytest.raises(ValueError, match="n <= 24"):
+        energy.select(cands, 25)
