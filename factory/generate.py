@@ -353,15 +353,14 @@ class SyntheticProducer:
         aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
         guidance = self.guidance_for(shard)
         # candidates m > 1: m guided sets from the same generators in turn, then the shard's images are the
-        # ones whose set the energy itself prefers (ChamferEnergy.select); one draw otherwise
+        # ones whose set the energy itself prefers (its ``select``); one draw otherwise
         images = torch.cat([self._sample_set(shard, recipe, backbone, guidance, generator, aux)
                             for _ in range(recipe.candidates)])
-        if recipe.candidates > 1:
-            with torch.no_grad():
-                feats = self.features(images)
-            images = images[guidance[0].energy.select(feats, shard.num_images).to(images.device)]
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"shard {shard.recipe}/{shard.name}: sampling produced NaN or Inf")
+        if recipe.candidates > 1:
+            chosen = guidance[0].energy.select(embed(self.features, images), shard.num_images)
+            images = images[chosen.to(images.device)]
         return images
 
     def _sample_set(self, shard: Shard, recipe, backbone, guidance, generator, aux) -> torch.Tensor:
