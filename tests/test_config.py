@@ -196,7 +196,7 @@ recipes:
 
 def test_a_star_in_an_override_sets_every_recipe():
     job = load_config(Path(__file__).parents[1] / "jobs" / "digits_ipc.yaml", ["recipes.*.images_per_class=50"])
-    assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 12
+    assert {r.images_per_class for r in job.recipes.values()} == {50} and len(job.recipes) == 13
     with pytest.raises(ConfigError, match=r"recipes\.\*\.x: .*nothing"):
         from_dict({"recipes": {}}, parse_overrides(["recipes.*.x=1"]))
     with pytest.raises(ConfigError, match="'name' is not a mapping"):
