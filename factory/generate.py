@@ -352,9 +352,11 @@ class SyntheticProducer:
         generator = torch.Generator().manual_seed(shard.seed)
         aux = torch.Generator().manual_seed(shard.seed ^ 0x5F3759DF)  # soft labels, init images
         guidance = self.guidance_for(shard)
+        step = self.batch_for(shard, backbone, guidance)
+        init_pool = self._class_pixels(shard.label) if recipe.init_strength < 1.0 else None
         # candidates m > 1: m guided sets from the same generators in turn, then the shard's images are the
         # ones whose set the energy itself prefers (its ``select``); one draw otherwise
-        images = torch.cat([self._sample_set(shard, recipe, backbone, guidance, generator, aux)
+        images = torch.cat([self._sample_set(shard, recipe, backbone, guidance, generator, aux, step, init_pool)
                             for _ in range(recipe.candidates)])
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"shard {shard.recipe}/{shard.name}: sampling produced NaN or Inf")
@@ -363,12 +365,9 @@ class SyntheticProducer:
             images = images[chosen.to(images.device)]
         return images
 
-    def _sample_set(self, shard: Shard, recipe, backbone, guidance, generator, aux) -> torch.Tensor:
-        """One guided set of the shard's size, in batches of :meth:`batch_for`."""
-        step = self.batch_for(shard, backbone, guidance)
-        init_pool = None
-        if recipe.init_strength < 1.0:
-            init_pool = self._class_pixels(shard.label)
+    def _sample_set(self, shard: Shard, recipe, backbone, guidance, generator, aux, step: int,
+                    init_pool: torch.Tensor | None) -> torch.Tensor:
+        """One guided set of the shard's size, in batches of ``step`` (init images drawn from ``init_pool``)."""
         images, frozen = [], None
         # Greedy progressive matching: each sub-batch is guided given the frozen samples before it.
         for start in range(0, shard.num_images, step):
