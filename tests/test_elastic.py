@@ -25,11 +25,18 @@ def _records(shard):
              "class_name": shard.class_name, "seed": shard.seed} for i in range(shard.num_images)]
 
 
-class SlowerProducer:
-    """No model: deterministic bytes per shard, slow enough that a node joins and leaves mid-run."""
+class GatedProducer:
+    """No model: deterministic bytes per shard. Shards past the first few wait for the test's gate file,
+    so the run cannot end before a node has joined, taken shards and been preempted, however loaded the
+    machine is (a fixed sleep raced the node's start-up under load)."""
+
+    def __init__(self, gate: str):
+        self.gate = gate
 
     def __call__(self, shard):
-        time.sleep(0.5)
+        time.sleep(0.2)
+        while shard.shard_id >= 4 and not os.path.exists(self.gate):
+            time.sleep(0.1)
         return _records(shard)
 
 
@@ -38,13 +45,15 @@ def _plan():
 
 
 DRIVER = """
+import functools
 from factory.dataplane import ensure_ray, pending_shards, run_shards
 from factory.shards import ShardSink
-from test_elastic import SlowerProducer, _plan
+from test_elastic import GatedProducer, _plan
 ensure_ray()
 plan = _plan()
 sink = ShardSink({out!r}, ["parquet"])
-for row in run_shards(plan, pending_shards(plan, sink), SlowerProducer, {out!r}, ["parquet"], (1, 3), progress=False):
+make = functools.partial(GatedProducer, {gate!r})
+for row in run_shards(plan, pending_shards(plan, sink), make, {out!r}, ["parquet"], (1, 3), progress=False):
     print("committed", row["shard"], flush=True)
 """
 
@@ -98,8 +107,9 @@ def test_worker_node_joins_and_is_preempted_mid_run(tmp_path):
             assert time.time() < end and head.poll() is None, "the head node did not come up"
             time.sleep(1)
 
-        out = str(tmp_path / "out")
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(out=out)], env={**env, "RAY_ADDRESS": address},
+        out, gate = str(tmp_path / "out"), str(tmp_path / "gate")
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(out=out, gate=gate)],
+                                  env={**env, "RAY_ADDRESS": address},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(driver)
         for line in driver.stdout:  # the head's one actor is working
@@ -111,12 +121,14 @@ def test_worker_node_joins_and_is_preempted_mid_run(tmp_path):
         procs.append(worker)
         end = time.time() + 120
         while not _actors_in_session(worker.pid):  # the pool scaled out onto the new node
-            assert driver.poll() is None, "the run ended before the pool scaled onto the joined node"
+            assert driver.poll() is None, "the run ended before the pool scaled onto the joined node: " + \
+                driver.stderr.read()[-3000:]
             assert time.time() < end, "the actor pool never scaled onto the joined node"
             time.sleep(0.5)
-        time.sleep(3)  # let the new actors take shards in flight
+        time.sleep(3)  # let the new actors take shards in flight (they wait at the gate)
         os.killpg(worker.pid, signal.SIGKILL)  # preemption: the node and its actors vanish at once
         worker.wait()
+        open(gate, "w").close()  # the rest of the run, on the head alone
         stdout, stderr = driver.communicate(timeout=300)
         assert driver.returncode == 0, stderr[-3000:]
     finally:
