@@ -71,12 +71,13 @@ def _own_ports():
         "runtime-env-agent-port", "metrics-export-port")]
 
 
-def _actors_in_session(sid: int) -> list[int]:
+def _in_session(sid: int, *words: str) -> list[int]:
+    """Processes of the session ``sid`` (a node started with start_new_session) whose command holds ``words``."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if "MapWorker" in cmd and "ShardWorker" in cmd and os.getsid(p.pid) == sid:
+            if all(w in cmd for w in words) and os.getsid(p.pid) == sid:
                 found.append(p.pid)
         except (psutil.Error, ProcessLookupError):
             pass
@@ -102,8 +103,10 @@ def test_worker_node_joins_and_is_preempted_mid_run(tmp_path):
     try:
         address = f"127.0.0.1:{gcs}"
         end = time.time() + 120
+        # the raylet too, not only the GCS that `ray status` answers from: a driver that finds another cluster's
+        # raylet on this machine and not yet this one's waits out Ray's 60 s node lookup and fails to connect
         while subprocess.run([ray_bin, "status", f"--address={address}"], env=env,
-                             capture_output=True).returncode != 0:
+                             capture_output=True).returncode != 0 or not _in_session(head.pid, "raylet/raylet"):
             assert time.time() < end and head.poll() is None, "the head node did not come up"
             time.sleep(1)
 
@@ -120,7 +123,7 @@ def test_worker_node_joins_and_is_preempted_mid_run(tmp_path):
                                   start_new_session=True)
         procs.append(worker)
         end = time.time() + 120
-        while not _actors_in_session(worker.pid):  # the pool scaled out onto the new node
+        while not _in_session(worker.pid, "MapWorker", "ShardWorker"):  # the pool scaled out onto the new node
             assert driver.poll() is None, "the run ended before the pool scaled onto the joined node: " + \
                 driver.stderr.read()[-3000:]
             assert time.time() < end, "the actor pool never scaled onto the joined node"
