@@ -488,13 +488,18 @@ def _tune_notes(cfg, plan: Plan) -> list[str]:
     """What each recipe's ``tune:`` pilot samples before the run (not in the hours above)."""
     out = []
     for rp in plan.recipes:
-        t = cfg.recipes[rp.recipe].tune
+        r = cfg.recipes[rp.recipe]
+        t = r.tune
         if t is not None:
             classes = min(t.pilot.classes, len(plan.labels))
             ipc = t.pilot.images_for(rp.images_per_class)
             n = len(t.grid())
+            # a pilot run samples each of its candidate sets, and a trial of `candidates` sets its own count
+            sets = sum(int(v) if t.param == "candidates" else r.candidates for v in t.grid())
+            more = f" in {sets} candidate sets" if sets != n else ""
             out.append(f"{rp.recipe}: tune {t.param}: {n} pilot runs of {classes} classes x {ipc} images "
-                       f"({n * classes * ipc:,} images, sampled like the recipe) before the run, not in the hours above")
+                       f"({sets * classes * ipc:,} images{more}, sampled like the recipe) before the run, "
+                       "not in the hours above")
     return out
 
 

@@ -146,3 +146,10 @@ def test_factory_plan_names_the_pilot_runs_a_tune_adds():
     notes = estimate(from_dict(JOB)).get("notes")
     assert ("chamfer: tune energies.0.weight: 2 pilot runs of 2 classes x 5 images (20 images, sampled like the "
             "recipe) before the run, not in the hours above") in notes
+
+    job = {**JOB, "recipes": {"chamfer": {**JOB["recipes"]["chamfer"], "candidates": 2,
+                                          "tune": {**JOB["recipes"]["chamfer"]["tune"], "param": "candidates",
+                                                   "values": [1, 3, 5]}}}}
+    notes = estimate(from_dict(job)).get("notes")
+    assert ("chamfer: tune candidates: 3 pilot runs of 2 classes x 5 images (90 images in 9 candidate sets, sampled "
+            "like the recipe) before the run, not in the hours above") in notes
